@@ -1,0 +1,145 @@
+"""Random-weight model files built through ComfyUI's own classes, deterministic from a seed, cached on disk.
+
+- SD1.5 checkpoint: ComfyUI's `supported_models.SD15` UNet, `sd1_clip` CLIP-L and SD `AutoencoderKL`, written by
+  ComfyUI's own `comfy.sd.save_checkpoint`, so `CheckpointLoaderSimple` detects it as SD1.5 like a real file.
+- SD1.5 ControlNet: ComfyUI's `cldm.ControlNet`, written in the `control_model.*` layout its loader reads
+  (ComfyUI has no ControlNet save path).
+- A source image and a ControlNet hint image (PNG).
+
+ComfyUI builds models with `disable_weight_init` ops (weights left uninitialised), so every parameter is
+re-initialised here from a seeded generator. Weights are scaled so activations keep unit size through the
+network: sampling gives finite, non-constant images. Files are keyed by seed and ComfyUI version.
+"""
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+SD15_UNET_CONFIG = {  # the configuration comfy.model_detection reports for an SD1.5 checkpoint
+    "use_checkpoint": False, "image_size": 32, "out_channels": 4, "use_spatial_transformer": True, "legacy": False,
+    "adm_in_channels": None, "in_channels": 4, "model_channels": 320, "num_res_blocks": [2, 2, 2, 2],
+    "transformer_depth": [1, 1, 1, 1, 1, 1, 0, 0], "channel_mult": [1, 2, 4, 4], "transformer_depth_middle": 1,
+    "use_linear_in_transformer": False, "context_dim": 768, "num_heads": 8,
+    "transformer_depth_output": [1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0],
+    "use_temporal_attention": False, "use_temporal_resblock": False,
+}
+SD_VAE_DDCONFIG = {"double_z": True, "z_channels": 4, "resolution": 256, "in_channels": 3, "out_ch": 3, "ch": 128,
+                   "ch_mult": [1, 2, 4, 4], "num_res_blocks": 2, "attn_resolutions": [], "dropout": 0.0}
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("SINE_TEST_CACHE", Path(__file__).resolve().parent.parent / ".sine_test_cache"))
+
+
+@torch.no_grad()
+def reinitialise(module: torch.nn.Module, generator: torch.Generator) -> None:
+    """Give every parameter a finite, seeded value: fan-in scaled normals for weights, zero biases, unit norms."""
+    for name, p in module.named_parameters():
+        leaf = name.rsplit(".", 1)[-1]
+        if p.ndim >= 2:
+            fan_in = p[0].numel()
+            p.copy_(torch.randn(p.shape, generator=generator) / math.sqrt(fan_in))
+        elif leaf == "bias" or "bias" in leaf:
+            p.zero_()
+        else:  # norm scales and other 1-D parameters
+            p.fill_(1.0)
+    # position embeddings / token embeddings are 2-D and got 1/sqrt(dim) normals above, like CLIP's own init scale
+    for name, b in module.named_buffers():
+        if b.dtype.is_floating_point and not torch.isfinite(b).all():
+            b.zero_()
+
+
+def _atomic_save(save_fn, path: Path) -> None:
+    tmp = path.with_name(path.name + ".partial")
+    save_fn(str(tmp))
+    os.replace(tmp, path)
+
+
+def build_sd15_checkpoint(path: Path, seed: int) -> None:
+    """An SD1.5 checkpoint with random weights, through ComfyUI's model classes and save path."""
+    import comfy.model_management
+    import comfy.model_patcher
+    import comfy.sd
+    import comfy.supported_models
+
+    gen = torch.Generator().manual_seed(seed)
+    cpu = torch.device("cpu")
+    config = comfy.supported_models.SD15(dict(SD15_UNET_CONFIG, dtype=torch.float32))
+    config.set_inference_dtype(torch.float32, None)
+    base_model = config.get_model({}, device=cpu)
+    reinitialise(base_model, gen)
+    model = comfy.model_patcher.ModelPatcher(base_model, load_device=cpu, offload_device=cpu)
+
+    clip = comfy.sd.CLIP(target=config.clip_target({}), model_options={"load_device": cpu, "offload_device": cpu,
+                                                                        "dtype": torch.float32})
+    reinitialise(clip.cond_stage_model, gen)
+    vae = comfy.sd.VAE(sd={}, config={"params": {"ddconfig": SD_VAE_DDCONFIG, "embed_dim": 4}}, device=cpu,
+                       dtype=torch.float32)
+    reinitialise(vae.first_stage_model, gen)
+    _atomic_save(lambda p: comfy.sd.save_checkpoint(p, model, clip, vae, metadata={"sine_test_fixture": str(seed)}),
+                 path)
+    del model, clip, vae, base_model
+    comfy.model_management.soft_empty_cache()
+
+
+def build_sd15_controlnet(path: Path, seed: int) -> None:
+    """An SD1.5 ControlNet with random weights, in the `control_model.*` layout ComfyUI's loader reads."""
+    import comfy.cldm.cldm
+    import comfy.ops
+    import comfy.utils
+
+    gen = torch.Generator().manual_seed(seed)
+    cfg = dict(SD15_UNET_CONFIG)
+    cfg.pop("out_channels")
+    net = comfy.cldm.cldm.ControlNet(hint_channels=3, operations=comfy.ops.disable_weight_init, dtype=torch.float32,
+                                     device=torch.device("cpu"), **cfg)
+    reinitialise(net, gen)
+    sd = {f"control_model.{k}": v.contiguous() for k, v in net.state_dict().items()}
+    _atomic_save(lambda p: comfy.utils.save_torch_file(sd, p, metadata={"sine_test_fixture": str(seed)}), path)
+
+
+def build_images(source: Path, hint: Path, seed: int, size: tuple[int, int] = (256, 256)) -> None:
+    """A colourful source picture (smooth shapes + texture) and an edge-like ControlNet hint, from a seed."""
+    rng = np.random.default_rng(seed)
+    h, w = size[1], size[0]
+    yy, xx = np.mgrid[0:h, 0:w] / max(h, w)
+    img = np.stack([0.5 + 0.5 * np.sin(6 * xx + rng.uniform(0, 6)),
+                    0.5 + 0.5 * np.cos(5 * yy + rng.uniform(0, 6)),
+                    0.5 + 0.5 * np.sin(4 * (xx + yy) + rng.uniform(0, 6))], axis=-1)
+    cy, cx, r = rng.uniform(0.3, 0.7), rng.uniform(0.3, 0.7), rng.uniform(0.15, 0.3)
+    disc = ((yy - cy) ** 2 + (xx - cx) ** 2) < r * r
+    img[disc] = [0.9, 0.2, 0.1]
+    img = np.clip(img + rng.normal(0, 0.03, img.shape), 0, 1)
+    Image.fromarray((img * 255).astype(np.uint8)).save(source)
+    edge = np.abs(np.diff(disc.astype(np.float32), axis=0, prepend=0)) + np.abs(np.diff(disc.astype(np.float32), axis=1, prepend=0))
+    Image.fromarray((np.clip(edge, 0, 1) * 255).astype(np.uint8)).convert("RGB").save(hint)
+
+
+def ensure_fixtures(models_dir: Path, input_dir: Path, seed: int, comfy_version: str, cache_dir: Path | None = None) -> dict:
+    """Build (or reuse from the cache) every fixture and link it into ComfyUI's model/input folders.
+
+    Returns the names ComfyUI's loaders see: {"checkpoint", "controlnet", "source_image", "hint_image"}.
+    """
+    cache = (cache_dir or default_cache_dir()) / f"comfyui-{comfy_version}-seed{seed}"
+    cache.mkdir(parents=True, exist_ok=True)
+    ckpt = cache / f"sine_test_sd15_seed{seed}.safetensors"
+    cnet = cache / f"sine_test_controlnet_sd15_seed{seed}.safetensors"
+    src, hint = cache / f"sine_test_source_seed{seed}.png", cache / f"sine_test_hint_seed{seed}.png"
+    if not ckpt.exists():
+        build_sd15_checkpoint(ckpt, seed)
+    if not cnet.exists():
+        build_sd15_controlnet(cnet, seed + 1)
+    if not (src.exists() and hint.exists()):
+        build_images(src, hint, seed)
+    places = {ckpt: models_dir / "checkpoints", cnet: models_dir / "controlnet", src: input_dir, hint: input_dir}
+    for f, folder in places.items():
+        folder.mkdir(parents=True, exist_ok=True)
+        link = folder / f.name
+        if not link.exists():
+            link.symlink_to(f)
+    return {"checkpoint": ckpt.name, "controlnet": cnet.name, "source_image": src.name, "hint_image": hint.name}

@@ -1,0 +1,51 @@
+"""Two tiers: pure torch tests (always run) and tests inside real ComfyUI (tests/comfyui/, skipped without it)."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+# Appended, not prepended: ComfyUI's own top-level `nodes` module must win over this pack's `nodes/` folder.
+if str(REPO_ROOT) not in sys.path:
+    sys.path.append(str(REPO_ROOT))
+
+FIXTURE_SEED = 1234
+
+
+def pytest_report_header(config):
+    from comfyui_harness import SKIP_LINE, find_comfyui
+    root = find_comfyui()
+    return f"ComfyUI tier: {root}" if root else SKIP_LINE
+
+
+def pytest_collection_modifyitems(config, items):
+    from comfyui_harness import SKIP_LINE, find_comfyui
+    if find_comfyui() is None:
+        skip = pytest.mark.skip(reason=SKIP_LINE)
+        for item in items:
+            if "comfyui" in item.keywords:
+                item.add_marker(skip)
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "comfyui: runs inside real ComfyUI (skipped when ComfyUI is absent)")
+
+
+@pytest.fixture(scope="session")
+def comfy(tmp_path_factory):
+    """The headless ComfyUI of this test process, with this pack loaded and test folders for models/input/output."""
+    from comfyui_harness import ComfySession, SKIP_LINE, find_comfyui
+    root = find_comfyui()
+    if root is None:
+        pytest.skip(SKIP_LINE)
+    return ComfySession(root, tmp_path_factory.mktemp("comfyui"))
+
+
+@pytest.fixture(scope="session")
+def fixtures(comfy):
+    """Names of the random-weight SD1.5 checkpoint, ControlNet and images, as ComfyUI's loaders list them."""
+    from comfyui_fixtures import ensure_fixtures
+    import comfyui_version
+    return ensure_fixtures(comfy.work / "models", comfy.work / "input", FIXTURE_SEED, comfyui_version.__version__)

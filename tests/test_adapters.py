@@ -1,0 +1,167 @@
+"""LoRA / FullDelta adapters, merging and mixed-batch routing on small fp32 layers."""
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sine_ops.adapters import (AdaptedForward, FullDelta, LoRA, RowRouter, adaptable_layers, conv_spec,
+                               merged_bias, merged_weight)
+
+
+def make_layer(kind):
+    torch.manual_seed(0)
+    if kind == "linear":
+        return nn.Linear(6, 5), torch.randn(4, 3, 6)  # (B, tokens, in)
+    return nn.Conv2d(3, 5, 3, stride=2, padding=1), torch.randn(4, 3, 9, 9)  # (B, C, H, W)
+
+
+def make_adapter(kind, layer, adapter_kind, seed):
+    gen = torch.Generator().manual_seed(seed)
+    shape = tuple(layer.weight.shape)
+    if adapter_kind == "lora":
+        adapter = LoRA(shape, 2, 4.0, conv=conv_spec(layer), generator=gen)
+        with torch.no_grad():
+            adapter.up.normal_(generator=gen)
+    else:
+        adapter = FullDelta(shape, tuple(layer.bias.shape), conv=conv_spec(layer))
+        with torch.no_grad():
+            adapter.weight.normal_(std=0.1, generator=gen)
+            adapter.bias.normal_(std=0.1, generator=gen)
+    return adapter
+
+
+def apply_merged(kind, layer, adapter, x):
+    w, b = merged_weight(layer.weight, adapter), merged_bias(layer.bias, adapter)
+    if kind == "linear":
+        return F.linear(x, w, b)
+    return F.conv2d(x, w, b, stride=layer.stride, padding=layer.padding)
+
+
+KINDS = ["linear", "conv"]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_fresh_lora_is_identity_and_disabled_router_is_base(kind):
+    layer, x = make_layer(kind)
+    base = layer(x)
+    lora = LoRA(tuple(layer.weight.shape), 2, 4.0, conv=conv_spec(layer), generator=torch.Generator().manual_seed(1))
+    router = RowRouter()
+    fwd = AdaptedForward(layer, {0: lora}, router)
+    assert torch.equal(fwd(x), base)  # zero up: adapted model starts exactly at the base
+
+    with torch.no_grad():
+        lora.up.normal_()
+    assert not torch.allclose(fwd(x), base)
+    router.enabled = False
+    assert torch.equal(fwd(x), base)
+    router.enabled = True
+    with router.route([-1, -1, -1, -1]):
+        assert torch.equal(fwd(x), base)
+    assert router.row_owner is None  # route restores the previous state
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("adapter_kind", ["lora", "full"])
+def test_merged_weight_matches_activation_delta(kind, adapter_kind):
+    layer, x = make_layer(kind)
+    adapter = make_adapter(kind, layer, adapter_kind, seed=3)
+    weight_before = layer.weight.detach().clone()
+    with torch.no_grad():
+        adapted = layer(x) + adapter(x)
+        merged = apply_merged(kind, layer, adapter, x)
+    scale = adapted.abs().max().item()
+    assert torch.allclose(merged, adapted, atol=1e-5 * max(1.0, scale), rtol=0)
+    assert torch.equal(layer.weight, weight_before)
+    assert merged_weight(layer.weight, adapter) is not layer.weight
+
+
+def test_merged_weight_keeps_dtype():
+    layer, _ = make_layer("linear")
+    adapter = make_adapter("linear", layer, "lora", seed=3)
+    half = layer.weight.detach().to(torch.bfloat16)
+    out = merged_weight(half, adapter)
+    assert out.dtype == torch.bfloat16
+    expected = (half.float() + adapter.delta_weight()).to(torch.bfloat16)
+    assert torch.equal(out, expected)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("adapter_kind", ["lora", "full"])
+def test_mixed_batch_rows_match_separate_calls(kind, adapter_kind):
+    layer, x = make_layer(kind)
+    a0 = make_adapter(kind, layer, adapter_kind, seed=10)
+    a1 = make_adapter(kind, layer, adapter_kind, seed=11)
+    router = RowRouter()
+    fwd = AdaptedForward(layer, {0: a0, 1: a1}, router)
+    with torch.no_grad():
+        base = layer(x)
+        only0, only1 = layer(x) + a0(x), layer(x) + a1(x)
+        with router.route(torch.tensor([-1, 0, 1, -1])):
+            mixed = fwd(x)
+    assert torch.equal(mixed[0], base[0]) and torch.equal(mixed[3], base[3])
+    assert torch.allclose(mixed[1], only0[1], atol=1e-6)
+    assert torch.allclose(mixed[2], only1[2], atol=1e-6)
+    assert not torch.allclose(mixed[1], base[1])
+
+
+def test_router_rows():
+    router = RowRouter()
+    assert router.rows(0, 3) == slice(None)
+    with router.route([1, 1, 1]):
+        assert router.rows(1, 3) == slice(None)
+        assert router.rows(0, 3) is None
+        with router.route([0, -1, 0]):
+            assert router.rows(0, 3).tolist() == [0, 2]
+        assert router.rows(1, 3) == slice(None)
+        with pytest.raises(ValueError, match="batch has 4 rows"):
+            router.rows(1, 4)
+    assert router.rows(0, 3) == slice(None)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("adapter_kind", ["lora", "full"])
+def test_gradients_reach_only_adapter_params(kind, adapter_kind):
+    layer, x = make_layer(kind)
+    layer.requires_grad_(False)
+    adapter = make_adapter(kind, layer, adapter_kind, seed=5)
+    router = RowRouter()
+    fwd = AdaptedForward(layer, {0: adapter}, router)
+    with router.route([0, -1, 0, -1]):
+        fwd(x).square().sum().backward()
+    assert layer.weight.grad is None and layer.bias.grad is None
+    for p in adapter.parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0
+
+
+def test_patched_instance_forward():
+    # ComfyUI replaces the instance attribute `forward`; the module call must go through the adapter.
+    layer, x = make_layer("conv")
+    adapter = make_adapter("conv", layer, "lora", seed=2)
+    with torch.no_grad():
+        expected = layer(x) + adapter(x)
+        layer.forward = AdaptedForward(layer, {0: adapter}, RowRouter())
+        assert torch.equal(layer(x), expected)
+
+
+def test_rank_validation_and_deterministic_init():
+    with pytest.raises(ValueError, match=r"LoRA rank 6 is larger than layer \(5 x 6\)"):
+        LoRA((5, 6), 6, 1.0)
+    with pytest.raises(ValueError, match=r"larger than layer \(8 x 4\)"):
+        LoRA((8, 1, 2, 2), 5, 1.0)
+    with pytest.raises(ValueError, match=">= 1"):
+        LoRA((5, 6), 0, 1.0)
+    with pytest.raises(ValueError, match="groups"):
+        LoRA((4, 2, 3, 3), 2, 1.0, conv=dict(groups=2))
+    a = LoRA((5, 6), 2, 1.0, generator=torch.Generator().manual_seed(7))
+    b = LoRA((5, 6), 2, 1.0, generator=torch.Generator().manual_seed(7))
+    c = LoRA((5, 6), 2, 1.0, generator=torch.Generator().manual_seed(8))
+    assert torch.equal(a.down, b.down) and not torch.equal(a.down, c.down)
+    assert a.scale == 0.5 and torch.count_nonzero(a.up) == 0
+    bound = 1 / 6 ** 0.5  # kaiming_uniform(a=sqrt(5)) on fan_in 6, as torch's own Linear init
+    assert a.down.abs().max() <= bound
+
+
+def test_adaptable_layers():
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4)))
+    assert [n for n, _ in adaptable_layers(net, lambda n, m: True)] == ["0", "2.0"]
+    assert [n for n, _ in adaptable_layers(net, lambda n, m: isinstance(m, nn.Linear))] == ["2.0"]
