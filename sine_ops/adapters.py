@@ -57,11 +57,12 @@ class LoRA(nn.Module):
             raise ValueError(f"LoRA rank {rank} is larger than layer ({out_ch} x {fan_in}); "
                              f"use a rank <= {min(out_ch, fan_in)}")
         self.rank, self.alpha, self.scale = rank, alpha, alpha / rank
-        # Initialise in fp32 on the generator's device so a seed gives the same adapter whatever dtype/device it lives on.
+        # Initialise in fp32 on the generator's device: a seed gives the same adapter whatever its dtype/device.
         down = torch.empty(rank, in_ch, *kernel, device=generator.device if generator is not None else "cpu")
         nn.init.kaiming_uniform_(down, a=math.sqrt(5), generator=generator)
         self.down = nn.Parameter(down.to(device=device, dtype=dtype))  # (rank, in[, kh, kw])
-        self.up = nn.Parameter(torch.zeros(out_ch, rank, *(1,) * len(kernel), dtype=dtype, device=device))  # (out, rank[, 1, 1])
+        # (out, rank[, 1, 1]), zero so the adapted model starts identical to the base
+        self.up = nn.Parameter(torch.zeros(out_ch, rank, *(1,) * len(kernel), dtype=dtype, device=device))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Activation-space delta only: up(down(x)) * scale, the down conv carrying the base conv's stride/padding."""
@@ -89,7 +90,7 @@ class FullDelta(nn.Module):
         self.bias = None if bias_shape is None else nn.Parameter(torch.zeros(bias_shape, dtype=dtype, device=device))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Activation-space delta: the layer op applied with (dW, db); linear in the weights, so base + delta = merged."""
+        """Activation-space delta: the layer op with (dW, db); linear in the weights, so base + delta = merged."""
         return _apply(x, self.weight.to(x), None if self.bias is None else self.bias.to(x), self.conv)
 
     def delta_weight(self) -> torch.Tensor:

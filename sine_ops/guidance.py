@@ -7,7 +7,7 @@ from typing import Sequence
 
 import torch
 
-# Slack for float sums such as 0.1 + 0.2 + 0.7 > 1.
+# Slack for UI float noise: 0.4 + 0.6000000000000001 must still count as B = 1.
 _EPS = 1e-6
 
 
@@ -52,7 +52,7 @@ def window_active(timestep: float, start_percent: float, end_percent: float) -> 
     """
     if start_percent >= end_percent:
         return False
-    # Rounding removes float noise such as (1 - 0.6) * 1000 = 400.00000000000006.
+    # Rounding removes float noise such as (1 - 0.7) * 1000 = 300.00000000000006.
     if timestep > round((1.0 - start_percent) * 1000.0, 6):
         return False
     return end_percent >= 1.0 or timestep > round((1.0 - end_percent) * 1000.0, 6)

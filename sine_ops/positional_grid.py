@@ -26,7 +26,7 @@ def sinusoidal_table(num_positions: int = 128, dim: int = 160) -> torch.Tensor:
 
 
 def grid_window(box, grid_size: int = 128, channels: int = 320) -> torch.Tensor:
-    """(C, y1-y0, x1-x0) fp32 grid at positions inside box: channels [0, C/2) encode x+1, [C/2, C) encode y+1 (SINE §3)."""
+    """(C, y1-y0, x1-x0) fp32 grid inside box: channels [0, C/2) encode x+1, [C/2, C) encode y+1 (SINE §3)."""
     y0, x0, y1, x1 = (int(v) for v in box)
     if not (0 <= y0 < y1 <= grid_size and 0 <= x0 < x1 <= grid_size):
         raise ValueError(f"box {(y0, x0, y1, x1)} is empty or outside the {grid_size}x{grid_size} grid")

@@ -1,0 +1,72 @@
+"""Model-based CFG (SINE_METHOD.md §4-§5) against the paper's formulas written out literally."""
+import pytest
+import torch
+
+from sine_ops.guidance import mix_conditional, paper_window, sine_guidance, window_active
+
+
+@pytest.fixture
+def preds():
+    gen = torch.Generator().manual_seed(0)
+    e_u, e_c, e_ft1, e_ft2 = (torch.randn(2, 4, 8, 8, generator=gen, dtype=torch.float64) for _ in range(4))
+    return e_u, e_c, e_ft1, e_ft2
+
+
+def test_one_model_matches_paper_eq3(preds):
+    e_u, e_c, e_ft, _ = preds
+    w, v = 7.5, 0.7
+    paper = w * (v * e_c + (1 - v) * e_ft) + (1 - w) * e_u  # SINE Eq. 3
+    code = e_u + w * (v * e_c + (1 - v) * e_ft - e_u)  # guidance_ddim.py
+    out = sine_guidance(e_u, e_c, [e_ft], w, [1 - v], [True])
+    assert torch.allclose(out, paper, atol=1e-12) and torch.allclose(out, code, atol=1e-12)
+
+
+def test_two_models_match_multi_formula(preds):
+    e_u, e_c, e_ft1, e_ft2 = preds
+    w, b1, b2 = 10.0, 0.4, 0.5
+    expected = e_u + w * ((1 - b1 - b2) * e_c + b1 * e_ft1 + b2 * e_ft2 - e_u)
+    assert torch.allclose(sine_guidance(e_u, e_c, [e_ft1, e_ft2], w, [b1, b2], [True, True]), expected, atol=1e-12)
+    # only the model whose window contains t counts, and B shrinks with it
+    only2 = e_u + w * ((1 - b2) * e_c + b2 * e_ft2 - e_u)
+    assert torch.allclose(sine_guidance(e_u, e_c, [None, e_ft2], w, [b1, b2], [False, True]), only2, atol=1e-12)
+
+
+def test_window_off_or_zero_weight_is_plain_cfg(preds):
+    e_u, e_c, e_ft, _ = preds
+    cfg = e_u + 7.5 * (e_c - e_u)
+    assert torch.equal(sine_guidance(e_u, e_c, [e_ft], 7.5, [0.3], [False]), cfg)
+    assert torch.equal(sine_guidance(e_u, e_c, [e_ft], 7.5, [0.0], [True]), cfg)
+    assert torch.equal(sine_guidance(e_u, e_c, [None, None], 7.5, [0.0, 0.4], [True, False]), cfg)
+    assert mix_conditional(e_c, [e_ft], [0.3], [False]) is e_c
+
+
+def test_invalid_weights(preds):
+    e_u, e_c, e_ft1, e_ft2 = preds
+    with pytest.raises(ValueError, match="sum to 1.2"):
+        mix_conditional(e_c, [e_ft1, e_ft2], [0.6, 0.6], [True, True])
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        mix_conditional(e_c, [e_ft1], [-0.1], [True])
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        mix_conditional(e_c, [e_ft1], [1.5], [False])
+    with pytest.raises(ValueError, match="must match"):
+        mix_conditional(e_c, [e_ft1], [0.3, 0.3], [True])
+    # float slack: UI step rounding can give 0.4 + 0.6000000000000001 = 1.0000000000000002
+    mix_conditional(e_c, [e_ft1, e_ft2], [0.4, 0.6000000000000001], [True, True])
+    # inactive models do not count towards B
+    mix_conditional(e_c, [e_ft1, None], [0.6, 0.6], [True, False])
+
+
+def test_window_active():
+    start, end = paper_window(400)
+    assert (start, end) == (0.0, 0.6)
+    assert window_active(401, start, end) and window_active(400.5, start, end)
+    assert not window_active(400, start, end) and not window_active(1, start, end)
+    assert window_active(999, start, end) and window_active(999.9, start, end)
+    assert window_active(0, 0.0, 1.0) and window_active(999, 0.0, 1.0)
+    assert not window_active(900, 0.2, 1.0) and window_active(800, 0.2, 1.0)  # upper bound inclusive
+    assert window_active(301, 0.0, 0.7) and not window_active(300, 0.0, 0.7)  # (1 - 0.7) * 1000 is not exactly 300
+    for t in (0, 400, 999):
+        assert not window_active(t, 0.5, 0.5) and not window_active(t, 0.7, 0.3)
+    assert paper_window(500) == (0.0, 0.5)
+    with pytest.raises(ValueError):
+        paper_window(1001)
