@@ -3,13 +3,19 @@ from typing_extensions import override
 
 from comfy_api.latest import ComfyExtension, io
 
+from .files import LoadSineAdapter, SaveSineAdapter
+from .finetune import SineApplyAdapter, SineFinetune
+from .guidance import SineAddFinetuned, SineGuidedSampler, SineGuiderNode
 from .patch import PatchResolutionConfig
+
+NODES = [SineFinetune, SineGuiderNode, SineGuidedSampler, SineAddFinetuned, PatchResolutionConfig,
+         SaveSineAdapter, LoadSineAdapter, SineApplyAdapter]
 
 
 class SineExtension(ComfyExtension):
     @override
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
-        return [PatchResolutionConfig]
+        return NODES
 
 
 async def comfy_entrypoint() -> SineExtension:

@@ -69,6 +69,7 @@ class ComfySession:
         self.root = comfy_root
         self.work = work_dir
         self.progress: list[tuple[int, int, str | None]] = []   # (value, total, node id) from comfy.utils.ProgressBar
+        self.interrupt_at: int | None = None  # press ComfyUI's cancel when a progress bar reaches this value
         self._start()
 
     def _start(self):
@@ -90,6 +91,7 @@ class ComfySession:
         link = self.work / "custom_nodes" / PACK_DIR_NAME
         if not link.exists():
             link.symlink_to(REPO_ROOT, target_is_directory=True)
+        folder_paths.models_dir = str(self.work / "models")  # where packs put their own model folders
         folder_paths.set_input_directory(str(self.work / "input"))
         folder_paths.set_output_directory(str(self.work / "output"))
         folder_paths.set_temp_directory(str(self.work / "temp"))
@@ -105,6 +107,9 @@ class ComfySession:
         asyncio.run(nodes.init_extra_nodes(init_custom_nodes=True, init_api_nodes=False))
 
         def progress_hook(value, total, preview_image, prompt_id=None, node_id=None):
+            if self.interrupt_at is not None and value >= self.interrupt_at:
+                self.interrupt_at = None
+                comfy.model_management.interrupt_current_processing(True)
             comfy.model_management.throw_exception_if_processing_interrupted()
             self.progress.append((value, total, node_id or self.sink.last_node_id))
 
@@ -134,7 +139,11 @@ class ComfySession:
         if not valid[0]:
             raise WorkflowError(f"ComfyUI validation failed: {valid[1]}\nnode errors: {valid[3]}")
 
-    def run(self, prompt: dict, *, interrupt_after_progress: int | None = None) -> RunResult:
+    def node_output(self, node_id: str, index: int = 0):
+        """The Python object a node of the last run produced on output `index` (from the executor's cache)."""
+        return self.executor.caches.outputs.get(node_id)[index][0]
+
+    def run(self, prompt: dict) -> RunResult:
         """Validate then execute an API-format workflow; raises WorkflowError with ComfyUI's error text."""
         prompt_id = str(uuid.uuid4())
         valid = asyncio.run(self.execution.validate_prompt(prompt_id, prompt, None))

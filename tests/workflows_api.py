@@ -16,3 +16,25 @@ def txt2img(checkpoint: str, prompt: str, *, seed: int, size: int, steps: int, n
         "decode": {"class_type": "VAEDecode", "inputs": {"samples": ["sample", 0], "vae": ["ckpt", 2]}},
         "save": {"class_type": "SaveImage", "inputs": {"images": ["decode", 0], "filename_prefix": "sine_test"}},
     }
+
+
+def finetune_graph(checkpoint: str, image: str, *, prompt: str = "photo of a sks dog", steps: int = 8,
+                   lr: float = 1e-3, seed: int = 0, method: str = "lora", rank: int = 4, layers: str = "attention",
+                   text_encoder: str = "off", resolution: int = 128, patch: dict | None = None,
+                   preset: str = "custom") -> dict:
+    """Checkpoint + image -> SINE Finetune (-> loss preview). Node ids: ckpt, image, finetune, loss."""
+    g = {
+        "ckpt": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": checkpoint}},
+        "image": {"class_type": "LoadImage", "inputs": {"image": image}},
+        "finetune": {"class_type": "SINE_Finetune", "inputs": {
+            "model": ["ckpt", 0], "clip": ["ckpt", 1], "vae": ["ckpt", 2], "image": ["image", 0],
+            "source_prompt": prompt, "preset": preset, "steps": steps, "learning_rate": lr, "seed": seed,
+            "method": method, "lora_rank": rank, "lora_alpha": float(rank), "layers": layers,
+            "text_encoder": text_encoder, "precision": "auto", "gradient_checkpointing": False,
+            "resize": "stretch", "resolution": resolution}},
+        "loss": {"class_type": "PreviewImage", "inputs": {"images": ["finetune", 4]}},
+    }
+    if patch is not None:
+        g["patch"] = {"class_type": "SINE_PatchResolutionConfig", "inputs": patch}
+        g["finetune"]["inputs"]["patch_config"] = ["patch", 0]
+    return g

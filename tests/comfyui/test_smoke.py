@@ -8,7 +8,8 @@ from workflows_api import txt2img
 def test_pack_loads_and_lists_its_nodes(comfy):
     assert comfy.pack_load_ok, "ComfyUI did not import the pack (see the log above for its import error)"
     ids = comfy.node_ids("SINE")
-    assert {"SINE_PatchResolutionConfig"} <= set(ids), ids
+    assert {"SINE_Finetune", "SINE_Guider", "SINE_GuidedSampler", "SINE_AddFinetunedModel", "SINE_PatchResolutionConfig",
+            "SINE_SaveAdapter", "SINE_LoadAdapter", "SINE_ApplyAdapter"} <= set(ids), ids
     for node_id in ids:
         info = comfy.object_info(node_id)
         for section in ("required", "optional"):
