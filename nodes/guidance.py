@@ -78,9 +78,15 @@ class SineGuider(comfy.samplers.CFGGuider):
         super().__init__(model_patcher)
         self.entries = entries
         self.router = router
-        self.unet_rows_per_step: list[int] = []  # rows (UNet evaluations) per predict_noise call, for tests
+        self.unet_rows_per_step: list[int] = []   # UNet evaluations (batch rows) per predict_noise call
+        self.unet_calls_per_step: list[int] = []  # UNet forward calls per predict_noise call (1 = all batched)
         self._cond_owner: list[int] = []
         self.previous_wrapper = model_patcher.model_options.get("model_function_wrapper")  # chained, not replaced
+
+    def sample(self, *args, **kwargs):
+        self.unet_rows_per_step.clear()
+        self.unet_calls_per_step.clear()
+        return super().sample(*args, **kwargs)
 
     def set_conds(self, positive, negative):
         conds = {"positive": positive, "negative": negative}
@@ -98,6 +104,7 @@ class SineGuider(comfy.samplers.CFGGuider):
         per_chunk = args["input"].shape[0] // len(chunks)
         owner = torch.tensor([self._cond_owner[c] for c in chunks]).repeat_interleave(per_chunk)
         self.unet_rows_per_step[-1] += args["input"].shape[0]
+        self.unet_calls_per_step[-1] += 1
         with self.router.route(owner):
             if self.previous_wrapper is not None:
                 return self.previous_wrapper(apply_model, args)
@@ -114,6 +121,7 @@ class SineGuider(comfy.samplers.CFGGuider):
         conds = [positive, uncond] + [self.conds[f"sine_source_{i}"] for i in active]
         self._cond_owner = [-1, -1] + active
         self.unet_rows_per_step.append(0)
+        self.unet_calls_per_step.append(0)
         if "sampler_calc_cond_batch_function" in model_options:
             out = model_options["sampler_calc_cond_batch_function"](
                 {"conds": conds, "input": x, "sigma": timestep, "model": model, "model_options": model_options})

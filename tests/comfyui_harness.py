@@ -158,8 +158,9 @@ class ComfySession:
             if event == "execution_cached":
                 result.cached = list(data["nodes"])
         if not self.executor.success:
-            err = [d for e, d in self.executor.status_messages if e in ("execution_error", "execution_interrupted")]
-            raise WorkflowError(f"ComfyUI execution failed: {err[-1] if err else self.executor.status_messages}")
+            err = [(e, d) for e, d in self.executor.status_messages if e in ("execution_error", "execution_interrupted")]
+            event, data = err[-1] if err else ("execution_failed", self.executor.status_messages)
+            raise WorkflowError(f"ComfyUI {event}: {data}")
         return result
 
     def output_path(self, image_entry: dict) -> Path:

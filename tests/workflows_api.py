@@ -38,3 +38,29 @@ def finetune_graph(checkpoint: str, image: str, *, prompt: str = "photo of a sks
         g["patch"] = {"class_type": "SINE_PatchResolutionConfig", "inputs": patch}
         g["finetune"]["inputs"]["patch_config"] = ["patch", 0]
     return g
+
+
+def sine_sample_graph(checkpoint: str, adapter_node: dict, *, edit: str, seed: int = 3, steps: int = 4,
+                      size: tuple[int, int] = (64, 64), weight: float = 0.3, start: float = 0.0, end: float = 0.6,
+                      sampler: str = "euler", scheduler: str = "normal", cfg: float = 7.5, denoise: float = 1.0,
+                      stock: bool = False) -> dict:
+    """Base checkpoint + a graph fragment providing node 'finetune' -> SINE Guided Sampler (or stock KSampler)."""
+    g = {
+        "ckpt": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": checkpoint}},
+        **adapter_node,
+        "pos": {"class_type": "CLIPTextEncode", "inputs": {"text": edit, "clip": ["ckpt", 1]}},
+        "neg": {"class_type": "CLIPTextEncode", "inputs": {"text": "", "clip": ["ckpt", 1]}},
+        "latent": {"class_type": "EmptyLatentImage", "inputs": {"width": size[0], "height": size[1],
+                                                                "batch_size": 1}},
+        "save": {"class_type": "SaveLatent", "inputs": {"samples": ["sample", 0], "filename_prefix": "sine"}},
+    }
+    common = {"model": ["ckpt", 0], "positive": ["pos", 0], "negative": ["neg", 0], "latent_image": ["latent", 0],
+              "seed": seed, "steps": steps, "cfg": cfg, "sampler_name": sampler, "scheduler": scheduler,
+              "denoise": denoise}
+    if stock:
+        g["sample"] = {"class_type": "KSampler", "inputs": common}
+    else:
+        g["sample"] = {"class_type": "SINE_GuidedSampler", "inputs": {
+            **common, "sine_adapter": ["finetune", 3], "source_conditioning": ["finetune", 2],
+            "finetuned_weight": weight, "start_percent": start, "end_percent": end}}
+    return g
