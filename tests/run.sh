@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# The one test command (README.md): installs what the tests need into .venv-tests and runs them.
+#   bash tests/run.sh [extra pytest args]
+# Pure-torch tier always; the ComfyUI tier too when ComfyUI is found at $COMFYUI_PATH or ~/comfy/ComfyUI.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+VENV=${SINE_TEST_VENV:-.venv-tests}
+
+[ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
+PY="$VENV/bin/python"
+pip_install() { "$PY" -m pip install --disable-pip-version-check -q "$@"; }
+
+# torch: keep any installed build; otherwise an exact pin (on CPU machines of this project it resolves to the
+# local CPU wheel; set SINE_TORCH to another spec, e.g. a CPU index URL elsewhere). Never a range.
+if ! "$PY" -c "import torch" 2>/dev/null; then
+  pip_install ${SINE_TORCH:-torch==2.13.0}
+fi
+constraints=$(mktemp)
+trap 'rm -f "$constraints"' EXIT
+"$PY" -c "import torch; print('torch==' + torch.__version__.split('+')[0])" > "$constraints"
+
+pip_install -c "$constraints" -r requirements.txt -r tests/requirements-test.txt
+comfy=$("$PY" -c "import sys; sys.path.insert(0, 'tests'); from comfyui_harness import find_comfyui; print(find_comfyui() or '')")
+if [ -n "$comfy" ]; then
+  echo "ComfyUI found at $comfy: installing its headless dependencies (tests/requirements-comfyui.txt)"
+  pip_install -c "$constraints" -r tests/requirements-comfyui.txt
+fi
+
+set +e
+"$PY" -m pytest tests -q -p no:cacheprovider -ra "$@"
+rc=$?
+set -e
+[ $rc -eq 5 ] && { echo "no tests collected"; rc=0; }
+exit $rc
