@@ -20,12 +20,17 @@ def pytest_report_header(config):
     return f"ComfyUI tier: {root}" if root else SKIP_LINE
 
 
+COMFYUI_TIER = REPO_ROOT / "tests" / "comfyui"
+
+
 def pytest_collection_modifyitems(config, items):
+    """Everything under tests/comfyui/ is the ComfyUI tier: marked, and skipped with one line without ComfyUI."""
     from comfyui_harness import SKIP_LINE, find_comfyui
-    if find_comfyui() is None:
-        skip = pytest.mark.skip(reason=SKIP_LINE)
-        for item in items:
-            if "comfyui" in item.keywords:
+    skip = None if find_comfyui() else pytest.mark.skip(reason=SKIP_LINE)
+    for item in items:
+        if COMFYUI_TIER in Path(item.fspath).parents:
+            item.add_marker(pytest.mark.comfyui)
+            if skip:
                 item.add_marker(skip)
 
 

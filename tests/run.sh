@@ -28,7 +28,7 @@ if [ -n "$comfy" ]; then
 fi
 
 set +e
-"$PY" -m pytest tests -q -p no:cacheprovider -ra "$@"
+"$PY" -m pytest tests -q -p no:cacheprovider -rfE "$@"
 rc=$?
 set -e
 [ $rc -eq 5 ] && { echo "no tests collected"; rc=0; }
