@@ -49,7 +49,6 @@ class FinetuneSettings:
     gradient_checkpointing: bool = False
     resize: str = "stretch"             # paper: stretch to the training square; keep_aspect keeps the ratio
     resolution: int = 0                 # training side in px; 0 = the family's native size
-    crop_bank: int = 32                 # patch mode: distinct pre-encoded crops drawn once and reused
 
 
 PRESET_VALUES = {
@@ -112,15 +111,15 @@ def _encode(vae, pixels: torch.Tensor) -> torch.Tensor:
 def _training_data(vae, image, settings, patch: PatchConfig | None, family, generator):
     """(latents (N, C, h, w), boxes (N, 4) or None, (train_h, train_w)).
 
-    Patch mode encodes a bank of `crop_bank` random crops ONCE and samples from it at every step (a VAE pass per
-    step would cost about as much as the training step itself on large crops).
+    Patch mode encodes a bank of `patch.crop_bank` random crops ONCE and samples from it at every step (a VAE
+    encode per step would add its cost to every training step; see benchmarks/bench_finetune.py).
     """
     if patch is None:
         size = _train_size(settings, family, *image.shape[1:3])
         return _encode(vae, _resize(image, size)), None, size
     canvas = _resize(image, (patch.working_size, patch.working_size))
     boxes, latents = [], []
-    for _ in range(settings.crop_bank):
+    for _ in range(patch.crop_bank):
         box = sample_crop_box(generator, patch.grid_size, patch.min_crop_frac, patch.max_crop_frac,
                               1.0 - patch.whole_image_prob)
         left, top, right, bottom = box_to_pixels(box, patch.cell_px)
@@ -447,11 +446,18 @@ class SineApplyAdapter(io.ComfyNode):
                 io.Model.Input("model", tooltip="The base MODEL the adapter was trained on."),
                 io.Clip.Input("clip", tooltip="The base CLIP of the same checkpoint."),
                 AdapterType.Input("sine_adapter", tooltip="From Load SINE Adapter (or SINE Finetune)."),
+                io.Boolean.Input("positional_grid", default=True,
+                                 tooltip="Patch-trained adapters: add the positional grid (on = as trained). Off "
+                                         "renders without it, exactly like a non-patch adapter; no effect on "
+                                         "non-patch adapters."),
             ],
             outputs=[io.Model.Output(display_name="model"), io.Clip.Output(display_name="clip"),
-                     io.Conditioning.Output(display_name="source_conditioning")],
+                     io.Conditioning.Output(display_name="source_conditioning"),
+                     AdapterType.Output(display_name="sine_adapter",
+                                        tooltip="The adapter with this grid setting, for the SINE Guider.")],
         )
 
     @classmethod
-    def execute(cls, model, clip, sine_adapter) -> io.NodeOutput:
-        return io.NodeOutput(*adapter_outputs(model, clip, sine_adapter, "SINE Apply Adapter"))
+    def execute(cls, model, clip, sine_adapter, positional_grid) -> io.NodeOutput:
+        adapter = replace(sine_adapter, grid_enabled=positional_grid)
+        return io.NodeOutput(*adapter_outputs(model, clip, adapter, "SINE Apply Adapter"), adapter)

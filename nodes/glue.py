@@ -138,7 +138,7 @@ class GridInjector:
 
     def __init__(self, router: RowRouter, adapters: dict[int, SineAdapter]):
         self.router = router
-        self.adapters = {i: a for i, a in adapters.items() if a.patch is not None}
+        self.adapters = {i: a for i, a in adapters.items() if a.patch is not None and a.grid_enabled}
         self.boxes: torch.Tensor | None = None
         self._grids: dict = {}
 
@@ -166,7 +166,7 @@ def patched_model(model, adapters: dict[int, SineAdapter], router: RowRouter, no
     m = model.clone()
     attach_adapters(m, {i: a.unet for i, a in adapters.items()}, router, node, "MODEL")
     injector = GridInjector(router, adapters)
-    if injector.adapters:
+    if any(a.patch is not None for a in adapters.values()):
         m.set_model_input_block_patch(injector)
     return m, injector
 

@@ -44,15 +44,19 @@ class PatchResolutionConfig(io.ComfyNode):
                 io.Boolean.Input("grid_gate", default=_D.grid_gate,
                                  tooltip="Off = paper-exact grid amplitude. On = a learnable scale on the grid that "
                                          "starts at 0, so the fine-tuned model starts identical to the base."),
+                io.Int.Input("crop_bank", default=_D.crop_bank, min=1, max=1024,
+                             tooltip="How many distinct random crops are VAE-encoded once before training and "
+                                     "reused (one VAE pass per step would slow every step). More = more crop "
+                                     "variety, longer set-up."),
             ],
             outputs=[PatchConfigType.Output(display_name="patch_config")],
         )
 
     @classmethod
     def execute(cls, working_size, train_resolution, min_crop_frac, max_crop_frac, whole_image_prob, grid_size,
-                interpolation, grid_gate) -> io.NodeOutput:
+                interpolation, grid_gate, crop_bank) -> io.NodeOutput:
         config = PatchConfig(working_size, train_resolution, min_crop_frac, max_crop_frac, whole_image_prob,
-                             grid_size, interpolation, grid_gate)
+                             grid_size, interpolation, grid_gate, crop_bank)
         try:
             config.validate()
         except ValueError as e:

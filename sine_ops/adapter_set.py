@@ -34,6 +34,7 @@ class SineAdapter:
     source_prompt: str                        # the training caption (SINE feeds it to the fine-tuned model)
     patch: PatchConfig | None = None          # set for patch-based adapters: the grid goes on their rows
     grid_gate: torch.Tensor | None = None     # () learnable grid scale (PatchConfig.grid_gate), else None
+    grid_enabled: bool = True                 # sampling-time switch: False = a patch adapter without its grid
     settings: dict = field(default_factory=dict)  # how it was trained, for metadata / the cache key
 
     def parameters(self):

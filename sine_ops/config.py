@@ -22,6 +22,7 @@ class PatchConfig:
     grid_size: int = 128           # grid cells per side; positions 1..G as in the official code (init_size 128)
     interpolation: str = "bilinear"  # how the grid window is resized: bilinear for photos, nearest for paintings
     grid_gate: bool = False        # our option: a learnable scale on the grid, initialised at 0 (off = paper)
+    crop_bank: int = 32            # distinct random crops VAE-encoded once and reused (not one VAE pass per step)
 
     def resolved(self, family: str) -> "PatchConfig":
         """Fill the family defaults (0 fields) in; validate the geometry."""
@@ -42,6 +43,8 @@ class PatchConfig:
         if self.working_size and self.working_size % self.grid_size:
             raise ValueError(f"working_size {self.working_size} must be a multiple of grid_size {self.grid_size} "
                              "so crops fall on whole grid cells")
+        if self.crop_bank < 1:
+            raise ValueError(f"crop_bank must be at least 1, got {self.crop_bank}")
         if self.train_resolution and self.train_resolution % 64:
             raise ValueError(f"train_resolution must be a multiple of 64, got {self.train_resolution}")
 

@@ -121,7 +121,7 @@ def test_save_load_and_stock_lora_loader_reproduce(comfy, fixtures, trained):
         "ckpt": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": fixtures["checkpoint"]}},
         "load": {"class_type": "SINE_LoadAdapter", "inputs": {"adapter_name": "sine_tests/dog.safetensors"}},
         "apply": {"class_type": "SINE_ApplyAdapter", "inputs": {"model": ["ckpt", 0], "clip": ["ckpt", 1],
-                                                                "sine_adapter": ["load", 0]}},
+                                                                "sine_adapter": ["load", 0], "positional_grid": True}},
         "stock": {"class_type": "LoraLoader", "inputs": {"model": ["ckpt", 0], "clip": ["ckpt", 1],
                                                          "lora_name": "sine_tests/dog.safetensors",
                                                          "strength_model": 1.0, "strength_clip": 1.0}},
