@@ -89,9 +89,14 @@ def resolve_settings(preset: str, **inputs) -> FinetuneSettings:
     return replace(s, **PRESET_VALUES[preset]) if preset in PRESET_VALUES else s
 
 
+def as_rgb(image: torch.Tensor) -> torch.Tensor:
+    """(B, H, W, C) -> (B, H, W, 3): alpha dropped (as the paper's RGB conversion), grayscale repeated."""
+    return image[..., :3] if image.shape[-1] >= 3 else image[..., :1].expand(*image.shape[:-1], 3)
+
+
 def _resize(pixels: torch.Tensor, size_hw: tuple[int, int]) -> torch.Tensor:
-    """(1, H, W, C) -> (1, h, w, 3) bicubic (PIL bicubic in the original code), clamped to [0, 1]."""
-    x = pixels[..., :3].movedim(-1, 1)
+    """(1, H, W, 3) -> (1, h, w, 3) bicubic (PIL bicubic in the original code), clamped to [0, 1]."""
+    x = pixels.movedim(-1, 1)
     x = F.interpolate(x, size=size_hw, mode="bicubic", align_corners=False, antialias=True)
     return x.clamp(0, 1).movedim(1, -1)
 
@@ -105,7 +110,7 @@ def _train_size(settings: FinetuneSettings, family: str, h: int, w: int) -> tupl
 
 
 def _encode(vae, pixels: torch.Tensor) -> torch.Tensor:
-    return vae.encode(pixels[..., :3]).float().cpu()
+    return vae.encode(pixels).float().cpu()
 
 
 def _training_data(vae, image, settings, patch: PatchConfig | None, family, generator):
@@ -176,7 +181,7 @@ def _run_finetune(model, clip, vae, image, source_prompt, settings, patch):
         patch = patch.resolved(family)
     generator = torch.Generator().manual_seed(settings.seed)
     with torch.no_grad():
-        latents, boxes, train_hw = _training_data(vae, image.clone(), settings, patch, family, generator)
+        latents, boxes, train_hw = _training_data(vae, as_rgb(image).clone(), settings, patch, family, generator)
         latents = model.model.process_latent_in(latents.clone())
         fixed_cond = None
         tokens = clip.tokenize(source_prompt)
@@ -186,13 +191,15 @@ def _run_finetune(model, clip, vae, image, source_prompt, settings, patch):
     device = glue.device_of(model)
 
     def make_group(layers, method):
-        try:
-            return {p: glue.new_adapter(m, method, settings.lora_rank, settings.lora_alpha, generator)
-                    for p, m in layers}
-        except ValueError as e:
-            raise _err("lora_rank", str(e)) from None
+        return {p: glue.new_adapter(m, method, min(settings.lora_rank, glue.max_lora_rank(m)),
+                                    settings.lora_alpha, generator) for p, m in layers}
 
     unet_layers = glue.unet_layers(model, settings.layers)
+    if settings.method == "lora":
+        largest = max(glue.max_lora_rank(m) for _, m in unet_layers)
+        if settings.lora_rank > largest:
+            raise _err("lora_rank", f"{settings.lora_rank} is larger than every chosen layer allows (at most "
+                                    f"{largest} for layers '{settings.layers}'); use 4-64")
     adapter = SineAdapter(
         unet=make_group(unet_layers, settings.method),
         text_encoder={} if settings.text_encoder == "off" else
@@ -277,7 +284,7 @@ def _fingerprint_module(patcher, root: torch.nn.Module) -> str:
 
 def cache_key(model, clip, image, source_prompt, settings: FinetuneSettings, patch: PatchConfig | None) -> str:
     h = hashlib.sha256()
-    h.update(image[..., :3].contiguous().float().cpu().numpy().tobytes())
+    h.update(as_rgb(image).contiguous().float().cpu().numpy().tobytes())
     h.update(json.dumps({"prompt": source_prompt, "settings": asdict(settings),
                          "patch": None if patch is None else patch.to_dict()}, sort_keys=True).encode())
     h.update(_fingerprint_module(model, model.model.diffusion_model).encode())
@@ -371,7 +378,8 @@ class SineFinetune(io.ComfyNode):
                                tooltip="lora: small low-rank adapters (fast, small files). full: every UNet "
                                        "Linear/Conv weight and bias (paper; a second UNet of memory)."),
                 io.Int.Input("lora_rank", default=d.lora_rank, min=1, max=512,
-                             tooltip="LoRA rank: higher captures more detail, costs more memory (4-64)."),
+                             tooltip="LoRA rank: higher captures more detail, costs more memory (4-64). Layers "
+                                     "smaller than the rank (e.g. the 4-channel output conv) get their full rank."),
                 io.Float.Input("lora_alpha", default=d.lora_alpha, min=0.01, max=1024.0, step=0.5,
                                tooltip="LoRA alpha; the update is scaled by alpha/rank. alpha = rank is neutral."),
                 io.Combo.Input("layers", options=list(glue.UNET_LAYER_SETS), default=d.layers,

@@ -61,6 +61,12 @@ def text_encoder_layers(clip, mode: str) -> list[tuple[str, torch.nn.Module]]:
                             (lambda name, m: name.endswith(TE_LORA_LAYERS)) if mode == "lora" else None)
 
 
+def max_lora_rank(module: torch.nn.Module) -> int:
+    """Largest useful LoRA rank of a layer: min(out, fan_in). Smaller layers (e.g. the 4-channel output conv)
+    get their full rank instead of the requested one; see SineFinetune's lora_rank tooltip."""
+    return min(module.weight.shape[0], module.weight[0].numel())
+
+
 def new_adapter(module: torch.nn.Module, method: str, rank: int, alpha: float, generator: torch.Generator):
     if method == "lora":
         return LoRA(tuple(module.weight.shape), rank, alpha, conv=conv_spec(module), generator=generator)

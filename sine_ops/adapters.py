@@ -168,6 +168,8 @@ class AdaptedForward:
             rows = self.router.rows(adapter_id, x.shape[0], x.device)
             if rows is None:
                 continue
+            if next(adapter.parameters()).device != x.device:
+                adapter.to(x.device)  # once: follow the model to its device instead of copying at every call
             if isinstance(rows, slice):
                 y = y + adapter(x).to(y.dtype)
             else:

@@ -7,10 +7,11 @@ from workflows_api import finetune_graph, sine_sample_graph
 EDIT = "photo of a dog wearing a superhero cape"
 
 
-def adapter_nodes(fixtures, *, seed=0, prompt="photo of a sks dog", name="finetune", patch=None, steps=3):
+def adapter_nodes(fixtures, *, seed=0, prompt="photo of a sks dog", name="finetune", patch=None, steps=3,
+                  method="lora"):
     """The LoadImage + SINE Finetune part of a graph (short training: these tests check guidance, not quality)."""
     g = finetune_graph(fixtures["checkpoint"], fixtures["source_image"], steps=steps, lr=1e-3, seed=seed,
-                       prompt=prompt, resolution=64, patch=patch)
+                       prompt=prompt, resolution=64, patch=patch, method=method)
     nodes = {"image": g["image"], name: g["finetune"]}
     if patch is not None:
         nodes["patch"] = g["patch"]
@@ -124,3 +125,30 @@ def test_controlnet_steers_and_img2img_runs(comfy, fixtures):
     out = run_latent(comfy, g)
     source = comfy.node_output("encode", 0)["samples"]
     assert out.shape == source.shape and torch.isfinite(out).all()
+
+
+def test_model_patches_noise_masks_and_full_finetunes(comfy, fixtures):
+    """RescaleCFG (sampler_cfg_function) and a latent noise mask behave as with KSampler; full fine-tunes sample."""
+    def graph(nodes, **kw):
+        g = sine_sample_graph(fixtures["checkpoint"], nodes, edit=EDIT, steps=3, **kw)
+        g["rescale"] = {"class_type": "RescaleCFG", "inputs": {"model": ["ckpt", 0], "multiplier": 0.7}}
+        g["keep"] = {"class_type": "SolidMask", "inputs": {"value": 0.0, "width": 64, "height": 64}}
+        g["left"] = {"class_type": "SolidMask", "inputs": {"value": 1.0, "width": 32, "height": 64}}
+        g["mask"] = {"class_type": "MaskComposite", "inputs": {"destination": ["keep", 0], "source": ["left", 0],
+                                                               "x": 0, "y": 0, "operation": "add"}}
+        g["masked"] = {"class_type": "SetLatentNoiseMask", "inputs": {"samples": ["latent", 0], "mask": ["mask", 0]}}
+        g["sample"]["inputs"]["model"] = ["rescale", 0]
+        g["sample"]["inputs"]["latent_image"] = ["masked", 0]
+        return g
+
+    nodes = adapter_nodes(fixtures)
+    stock = run_latent(comfy, graph(nodes, stock=True))
+    zero = run_latent(comfy, graph(nodes, weight=0.0))
+    guided = run_latent(comfy, graph(nodes, weight=0.3))
+    assert (zero - stock).abs().max() <= 1e-5
+    assert (guided - stock).abs().max() > 1e-3
+    assert torch.equal(guided[..., 4:], stock[..., 4:])  # outside the mask the latent is kept, as KSampler does
+    full = adapter_nodes(fixtures, method="full", seed=4)
+    out = run_latent(comfy, sine_sample_graph(fixtures["checkpoint"], full, edit=EDIT, steps=3))
+    plain = run_latent(comfy, sine_sample_graph(fixtures["checkpoint"], full, edit=EDIT, steps=3, stock=True))
+    assert comfy.node_output("finetune", 3).unet and (out - plain).abs().max() > 1e-3
