@@ -24,6 +24,10 @@ pip_install -c "$constraints" -r requirements.txt -r tests/requirements-test.txt
 comfy=$("$PY" -c "import sys; sys.path.insert(0, 'tests'); from comfyui_harness import find_comfyui; print(find_comfyui() or '')")
 if [ -n "$comfy" ]; then
   echo "ComfyUI found at $comfy: installing its headless dependencies (tests/requirements-comfyui.txt)"
+  # Its frontend / workflow-templates / docs packages at the exact versions this ComfyUI pins: its web server
+  # (used by tests/comfyui/test_browser.py) does not start with a workflow-templates package of another layout.
+  grep -E '^comfyui-(frontend-package|workflow-templates|embedded-docs)==' "$comfy/requirements.txt" \
+    >> "$constraints" || true
   pip_install -c "$constraints" -r tests/requirements-comfyui.txt
 fi
 
