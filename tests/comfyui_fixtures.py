@@ -28,6 +28,14 @@ SD15_UNET_CONFIG = {  # the configuration comfy.model_detection reports for an S
     "transformer_depth_output": [1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0],
     "use_temporal_attention": False, "use_temporal_resblock": False,
 }
+SDXL_UNET_CONFIG = {  # likewise for SDXL base
+    "use_checkpoint": False, "image_size": 32, "out_channels": 4, "use_spatial_transformer": True, "legacy": False,
+    "num_classes": "sequential", "adm_in_channels": 2816, "in_channels": 4, "model_channels": 320,
+    "num_res_blocks": [2, 2, 2], "transformer_depth": [0, 0, 2, 2, 10, 10], "channel_mult": [1, 2, 4],
+    "transformer_depth_middle": 10, "use_linear_in_transformer": True, "context_dim": 2048, "num_head_channels": 64,
+    "transformer_depth_output": [0, 0, 0, 2, 2, 2, 10, 10, 10], "use_temporal_attention": False,
+    "use_temporal_resblock": False,
+}
 SD_VAE_DDCONFIG = {"double_z": True, "z_channels": 4, "resolution": 256, "in_channels": 3, "out_ch": 3, "ch": 128,
                    "ch_mult": [1, 2, 4, 4], "num_res_blocks": 2, "attn_resolutions": [], "dropout": 0.0}
 
@@ -60,8 +68,11 @@ def _atomic_save(save_fn, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def build_sd15_checkpoint(path: Path, seed: int) -> None:
-    """An SD1.5 checkpoint with random weights, through ComfyUI's model classes and save path."""
+def build_checkpoint(path: Path, seed: int, family: str = "sd15") -> None:
+    """A checkpoint with random weights (family "sd15" or "sdxl"), through ComfyUI's model classes and save path.
+
+    SDXL is stored in fp16 (7 GB) and needs ~15 GB RAM to build; it is only built for the opt-in SDXL test.
+    """
     import comfy.model_management
     import comfy.model_patcher
     import comfy.sd
@@ -69,18 +80,22 @@ def build_sd15_checkpoint(path: Path, seed: int) -> None:
 
     gen = torch.Generator().manual_seed(seed)
     cpu = torch.device("cpu")
-    config = comfy.supported_models.SD15(dict(SD15_UNET_CONFIG, dtype=torch.float32))
+    config_cls, unet_config = {"sd15": (comfy.supported_models.SD15, SD15_UNET_CONFIG),
+                               "sdxl": (comfy.supported_models.SDXL, SDXL_UNET_CONFIG)}[family]
+    config = config_cls(dict(unet_config, dtype=torch.float32))
     config.set_inference_dtype(torch.float32, None)
     base_model = config.get_model({}, device=cpu)
     reinitialise(base_model, gen)
     model = comfy.model_patcher.ModelPatcher(base_model, load_device=cpu, offload_device=cpu)
-
     clip = comfy.sd.CLIP(target=config.clip_target({}), model_options={"load_device": cpu, "offload_device": cpu,
                                                                         "dtype": torch.float32})
     reinitialise(clip.cond_stage_model, gen)
     vae = comfy.sd.VAE(sd={}, config={"params": {"ddconfig": SD_VAE_DDCONFIG, "embed_dim": 4}}, device=cpu,
                        dtype=torch.float32)
     reinitialise(vae.first_stage_model, gen)
+    if family == "sdxl":
+        for module in (base_model, clip.cond_stage_model, vae.first_stage_model):
+            module.half()
     _atomic_save(lambda p: comfy.sd.save_checkpoint(p, model, clip, vae, metadata={"sine_test_fixture": str(seed)}),
                  path)
     del model, clip, vae, base_model
@@ -131,7 +146,7 @@ def ensure_fixtures(models_dir: Path, input_dir: Path, seed: int, comfy_version:
     cnet = cache / f"sine_test_controlnet_sd15_seed{seed}.safetensors"
     src, hint = cache / f"sine_test_source_seed{seed}.png", cache / f"sine_test_hint_seed{seed}.png"
     if not ckpt.exists():
-        build_sd15_checkpoint(ckpt, seed)
+        build_checkpoint(ckpt, seed)
     if not cnet.exists():
         build_sd15_controlnet(cnet, seed + 1)
     if not (src.exists() and hint.exists()):
@@ -143,3 +158,16 @@ def ensure_fixtures(models_dir: Path, input_dir: Path, seed: int, comfy_version:
         if not link.exists():
             link.symlink_to(f)
     return {"checkpoint": ckpt.name, "controlnet": cnet.name, "source_image": src.name, "hint_image": hint.name}
+
+
+def ensure_sdxl_checkpoint(models_dir: Path, seed: int, comfy_version: str, cache_dir: Path | None = None) -> str:
+    """The opt-in random-weight SDXL checkpoint (7 GB), built once and linked into the checkpoints folder."""
+    cache = (cache_dir or default_cache_dir()) / f"comfyui-{comfy_version}-seed{seed}"
+    cache.mkdir(parents=True, exist_ok=True)
+    ckpt = cache / f"sine_test_sdxl_seed{seed}.safetensors"
+    if not ckpt.exists():
+        build_checkpoint(ckpt, seed, "sdxl")
+    link = models_dir / "checkpoints" / ckpt.name
+    if not link.exists():
+        link.symlink_to(ckpt)
+    return ckpt.name

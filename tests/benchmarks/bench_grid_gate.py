@@ -10,6 +10,7 @@ the numbers show the optimisation behaviour, not image quality).
 import argparse
 import importlib
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -30,6 +31,7 @@ def main():
     fx = ensure_fixtures(s.work / "models", s.work / "input", 1234,
                          importlib.import_module("comfyui_version").__version__)
     cache = Path(s.folder_paths.models_dir) / "sine_cache"
+    shutil.rmtree(cache, ignore_errors=True)  # measure fresh training runs
     rows = {}
     for gate in (False, True):
         patch = {"working_size": 256, "train_resolution": 128, "min_crop_frac": 0.1, "max_crop_frac": 1.0,
