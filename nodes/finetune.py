@@ -365,7 +365,8 @@ class SineFinetune(io.ComfyNode):
                                        "lora_default: LoRA rank 16 on attention, lr 1e-4, 400 steps, text encoder "
                                        "off - fits a consumer GPU. paper: full UNet + full text encoder, AdamW "
                                        "1e-6, 800 steps, fp32, gradient checkpointing - as the official code; "
-                                       "needs ~20 GB VRAM. A preset overrides the inputs it names."),
+                                       "for SD1.5 its training state alone (fp32 deltas, gradients, AdamW) is "
+                                       "~14 GB. A preset overrides the inputs it names."),
                 io.Int.Input("steps", default=d.steps, min=1, max=20000,
                              tooltip="Optimisation steps. The paper overfits: 800 (full, lr 1e-6); LoRA at 1e-4 "
                                      "gets there in 300-500. Patch-based training wants more (paper: 10,000)."),
@@ -375,8 +376,9 @@ class SineFinetune(io.ComfyNode):
                 io.Int.Input("seed", default=d.seed, min=0, max=0xFFFFFFFFFFFFFFFF,
                              tooltip="Seed for noise, timesteps, crops and adapter init: same seed, same result."),
                 io.Combo.Input("method", options=list(METHODS), default=d.method,
-                               tooltip="lora: small low-rank adapters (fast, small files). full: every UNet "
-                                       "Linear/Conv weight and bias (paper; a second UNet of memory)."),
+                               tooltip="lora: small low-rank adapters (fast, small files). full: dense deltas "
+                                       "for every weight and bias of the chosen layers (paper with layers=all; "
+                                       "a second copy of those layers in memory)."),
                 io.Int.Input("lora_rank", default=d.lora_rank, min=1, max=512,
                              tooltip="LoRA rank: higher captures more detail, costs more memory (4-64). Layers "
                                      "smaller than the rank (e.g. the 4-channel output conv) get their full rank."),

@@ -171,3 +171,31 @@ def ensure_sdxl_checkpoint(models_dir: Path, seed: int, comfy_version: str, cach
     if not link.exists():
         link.symlink_to(ckpt)
     return ckpt.name
+
+
+def ensure_dit_model(folder_paths, models_dir: Path, seed: int, comfy_version: str, cache_dir: Path | None = None) -> str:
+    """A DiT-style diffusion model without a UNet input conv: ComfyUI's PixArt-Sigma with ONE transformer block
+    (38 M parameters: the family, detection and loading path are real; the depth is cut to keep it small).
+    Linked into a diffusion_models folder for UNETLoader; returns its name there."""
+    import comfy.supported_models
+    import comfy.utils
+
+    cache = (cache_dir or default_cache_dir()) / f"comfyui-{comfy_version}-seed{seed}"
+    cache.mkdir(parents=True, exist_ok=True)
+    path = cache / f"sine_test_pixart_sigma_1block_seed{seed}.safetensors"
+    if not path.exists():
+        config = comfy.supported_models.PixArtSigma({
+            "num_heads": 16, "patch_size": 2, "hidden_size": 1152, "in_channels": 4, "depth": 1,
+            "model_max_length": 300, "input_size": 128, "pe_interpolation": 2, "image_model": "pixart_sigma",
+            "micro_condition": False})
+        model = config.get_model({}, device=torch.device("cpu"))
+        reinitialise(model.diffusion_model, torch.Generator().manual_seed(seed))
+        sd = {k: v.contiguous() for k, v in model.diffusion_model.state_dict().items()}
+        _atomic_save(lambda p: comfy.utils.save_torch_file(sd, p), path)
+    folder = models_dir / "diffusion_models"
+    folder.mkdir(parents=True, exist_ok=True)
+    folder_paths.add_model_folder_path("diffusion_models", str(folder), is_default=True)
+    link = folder / path.name
+    if not link.exists():
+        link.symlink_to(path)
+    return path.name

@@ -244,3 +244,21 @@ def test_save_name_leaving_the_loras_folder(comfy, fixtures, filename):
     g["save"] = {"class_type": "SINE_SaveAdapter", "inputs": {"sine_adapter": ["finetune", 3], "filename": filename}}
     comfy.run(ft(fixtures, resolution=64))  # train first, so the failing run below only tries to save
     expect_error(comfy, g, "Save SINE Adapter", "'filename'", "leave the loras folder")
+
+
+def test_patch_mode_and_patch_adapters_on_a_dit_model(comfy, fixtures, saved_adapter):
+    """A model family without a UNet input conv (PixArt, a DiT): clear errors naming the node and the input."""
+    import importlib
+    from comfyui_fixtures import ensure_dit_model
+    name = ensure_dit_model(comfy.folder_paths, comfy.work / "models", 77,
+                            importlib.import_module("comfyui_version").__version__)
+    patch = {"working_size": 256, "train_resolution": 64, "min_crop_frac": 0.1, "max_crop_frac": 1.0,
+             "whole_image_prob": 0.0, "grid_size": 32, "interpolation": "bilinear", "grid_gate": False, "crop_bank": 2}
+    g = ft(fixtures, patch=patch)
+    g["dit"] = {"class_type": "UNETLoader", "inputs": {"unet_name": name, "weight_dtype": "default"}}
+    g["finetune"]["inputs"]["model"] = ["dit", 0]
+    expect_error(comfy, g, "SINE Finetune", "'patch_config'", "input conv", "pixartsigma")
+    g = load_graph(fixtures, "sine_tests/good.safetensors")
+    g["dit"] = {"class_type": "UNETLoader", "inputs": {"unet_name": name, "weight_dtype": "default"}}
+    g["apply"]["inputs"]["model"] = ["dit", 0]
+    expect_error(comfy, g, "SINE Apply Adapter", "sd1", "'model'", "pixartsigma")

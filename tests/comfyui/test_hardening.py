@@ -25,12 +25,12 @@ def graph(fixtures, seed, *, steps=2, sample_steps=2):
 
 def base_state(comfy):
     """Predictions and an encoding of the checkpoint loader's MODEL and CLIP, through ComfyUI's model loading."""
-    import comfy.model_management
+    from comfy import model_management
     model, clip = comfy.node_output("ckpt", 0), comfy.node_output("ckpt", 1)
     g = torch.Generator().manual_seed(0)
     x, cond = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 77, 768, generator=g)
     with torch.inference_mode():
-        comfy.model_management.load_models_gpu([model])
+        model_management.load_models_gpu([model])
         pred = model.model.apply_model(x, torch.tensor([2.0, 9.0]), c_crossattn=cond)
         enc = clip.encode_from_tokens_scheduled(clip.tokenize("photo of a sks dog"))[0][0]
     return pred, enc

@@ -25,3 +25,14 @@ def test_stock_txt2img_writes_a_png(comfy, fixtures):
     pixels = np.asarray(Image.open(path)).astype(np.float32)
     assert pixels.shape == (256, 256, 3)
     assert np.isfinite(pixels).all() and pixels.std() > 1.0, "fixture sampling gave a constant image"
+
+
+def test_fixtures_load_as_sd15_checkpoint_and_controlnet(comfy, fixtures):
+    comfy.run({
+        "ckpt": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": fixtures["checkpoint"]}},
+        "cnet": {"class_type": "ControlNetLoader", "inputs": {"control_net_name": fixtures["controlnet"]}},
+        "show0": {"class_type": "PreviewAny", "inputs": {"source": ["ckpt", 0]}},
+        "show1": {"class_type": "PreviewAny", "inputs": {"source": ["cnet", 0]}},
+    })
+    assert type(comfy.node_output("ckpt", 0).model.model_config).__name__ == "SD15"
+    assert type(comfy.node_output("cnet", 0)).__name__ == "ControlNet"
