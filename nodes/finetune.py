@@ -40,7 +40,7 @@ class FinetuneSettings:
     steps: int = 400                    # LoRA at 1e-4 overfits one image in a few hundred steps
     learning_rate: float = 1e-4         # LoRA scale; the paper's full fine-tune uses 1e-6
     seed: int = 0
-    method: str = "lora"                # "lora" or "full" (every Linear/Conv2d weight and bias of the UNet)
+    method: str = "lora"                # "lora" or "full" (dense deltas of every weight and bias of the layers)
     lora_rank: int = 16
     lora_alpha: float = 16.0
     layers: str = "attention"           # glue.UNET_LAYER_SETS key: which UNet layers train (both methods)
@@ -114,14 +114,14 @@ def _encode(vae, pixels: torch.Tensor) -> torch.Tensor:
 
 
 def _training_data(vae, image, settings, patch: PatchConfig | None, family, generator):
-    """(latents (N, C, h, w), boxes (N, 4) or None, (train_h, train_w)).
+    """(latents (N, C, h, w), boxes (N, 4) or None).
 
     Patch mode encodes a bank of `patch.crop_bank` random crops ONCE and samples from it at every step (a VAE
     encode per step would add its cost to every training step; see benchmarks/bench_finetune.py).
     """
     if patch is None:
         size = _train_size(settings, family, *image.shape[1:3])
-        return _encode(vae, _resize(image, size)), None, size
+        return _encode(vae, _resize(image, size)), None
     canvas = _resize(image, (patch.working_size, patch.working_size))
     boxes, latents = [], []
     for _ in range(patch.crop_bank):
@@ -131,8 +131,7 @@ def _training_data(vae, image, settings, patch: PatchConfig | None, family, gene
         crop = _resize(canvas[:, top:bottom, left:right], (patch.train_resolution, patch.train_resolution))
         latents.append(_encode(vae, crop))
         boxes.append(box)
-    side = patch.train_resolution
-    return torch.cat(latents), torch.tensor(boxes, dtype=torch.long), (side, side)
+    return torch.cat(latents), torch.tensor(boxes, dtype=torch.long)
 
 
 def _compute_dtype(precision: str, device: torch.device):
@@ -181,7 +180,7 @@ def _run_finetune(model, clip, vae, image, source_prompt, settings, patch):
         patch = patch.resolved(family)
     generator = torch.Generator().manual_seed(settings.seed)
     with torch.no_grad():
-        latents, boxes, train_hw = _training_data(vae, as_rgb(image).clone(), settings, patch, family, generator)
+        latents, boxes = _training_data(vae, as_rgb(image).clone(), settings, patch, family, generator)
         latents = model.model.process_latent_in(latents.clone())
         fixed_cond = None
         tokens = clip.tokenize(source_prompt)
@@ -221,7 +220,7 @@ def _run_finetune(model, clip, vae, image, source_prompt, settings, patch):
         glue.attach_inplace_guards(train_clip.patcher)
     ms = model.model.model_sampling
     dtype = _compute_dtype(settings.precision, device)
-    optim = OptimConfig(steps=settings.steps, learning_rate=settings.learning_rate, seed=settings.seed)
+    optim = OptimConfig(steps=settings.steps, learning_rate=settings.learning_rate)
     pbar = comfy.utils.ProgressBar(settings.steps)
 
     def on_step(step, loss):
@@ -235,6 +234,7 @@ def _run_finetune(model, clip, vae, image, source_prompt, settings, patch):
         x0 = latents[idx:idx + 1].to(device)
         if fixed_cond is None:
             cond_entry = train_clip.encode_from_tokens_scheduled(tokens)[0]
+            # encoding loads the text encoder, which may evict the UNet on a small GPU (a no-op otherwise)
             comfy.model_management.load_models_gpu([train_model], force_full_load=True)
         else:
             cond_entry = fixed_cond
