@@ -69,6 +69,8 @@ def validate(settings: FinetuneSettings, image: torch.Tensor, source_prompt: str
     if image.shape[0] > 1:
         raise _err("image", f"got a batch of {image.shape[0]} images; SINE fine-tunes on ONE image. Pick one with "
                             "an 'ImageFromBatch' node")
+    if not torch.isfinite(image).all():
+        raise _err("image", "the image contains NaN/Inf values; check the node that produced it")
     h, w = image.shape[1:3]
     if min(h, w) < 64:
         raise _err("image", f"the image is {w}x{h}; it must be at least 64 px on each side")

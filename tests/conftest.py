@@ -54,3 +54,10 @@ def fixtures(comfy):
     from comfyui_fixtures import ensure_fixtures
     import comfyui_version
     return ensure_fixtures(comfy.work / "models", comfy.work / "input", FIXTURE_SEED, comfyui_version.__version__)
+
+
+def pytest_terminal_summary(terminalreporter):
+    """The one line that says the ComfyUI tier was skipped and how to enable it (shown even with -q)."""
+    from comfyui_harness import SKIP_LINE, find_comfyui
+    if find_comfyui() is None:
+        terminalreporter.write_line(SKIP_LINE)

@@ -102,6 +102,8 @@ def test_odd_sizes_alpha_and_grayscale_are_accepted(comfy, fixtures):
     assert finetune.as_rgb(gray).shape == (1, 64, 64, 3) and torch.equal(finetune.as_rgb(gray)[..., 2], gray[..., 0])
     with pytest.raises(ValueError, match="input 'image'.*empty"):
         finetune.validate(settings, torch.zeros(0, 64, 64, 3), "photo of a sks dog")
+    with pytest.raises(ValueError, match="input 'image'.*NaN"):
+        finetune.validate(settings, torch.full((1, 64, 64, 3), float("nan")), "photo of a sks dog")
 
 
 # ---- SINE Guider / Guided Sampler ----------------------------------------------------------------------------------
