@@ -156,8 +156,16 @@ def build_guider(node: str, model, positive, negative, cfg: float, entries: list
     return guider
 
 
-def _stack_entries(stack) -> list[GuidanceEntry]:
-    return list(stack) if stack is not None else []
+def _entries(node: str, sine_adapter, source_conditioning, finetuned_weight, start_percent, end_percent,
+             extra_models) -> list[GuidanceEntry]:
+    """The node's own entry first, then those chained in through extra_models."""
+    return [_entry(node, sine_adapter, source_conditioning, finetuned_weight, start_percent, end_percent)] + \
+        list(extra_models or ())
+
+
+def _extra_models_input():
+    return GuidanceStackType.Input("extra_models", optional=True,
+                                   tooltip="More fine-tuned models from SINE Add Fine-tuned Model.")
 
 
 class SineAddFinetuned(io.ComfyNode):
@@ -179,7 +187,7 @@ class SineAddFinetuned(io.ComfyNode):
                 extra_models=None) -> io.NodeOutput:
         entry = _entry("SINE Add Fine-tuned Model", sine_adapter, source_conditioning, finetuned_weight,
                        start_percent, end_percent)
-        return io.NodeOutput(tuple(_stack_entries(extra_models)) + (entry,))
+        return io.NodeOutput(tuple(extra_models or ()) + (entry,))
 
 
 class SineGuiderNode(io.ComfyNode):
@@ -200,18 +208,15 @@ class SineGuiderNode(io.ComfyNode):
                 io.Conditioning.Input("negative", tooltip="Negative / unconditional prompt through the base CLIP."),
                 io.Float.Input("cfg", default=7.5, min=0.0, max=100.0, step=0.1, round=0.01,
                                tooltip="Classifier-free guidance scale (paper: 7.5)."),
-            ] + _entry_inputs() + [
-                GuidanceStackType.Input("extra_models", optional=True,
-                                        tooltip="More fine-tuned models from SINE Add Fine-tuned Model."),
-            ],
+            ] + _entry_inputs() + [_extra_models_input()],
             outputs=[io.Guider.Output()],
         )
 
     @classmethod
     def execute(cls, model, positive, negative, cfg, sine_adapter, source_conditioning, finetuned_weight,
                 start_percent, end_percent, extra_models=None) -> io.NodeOutput:
-        entries = [_entry("SINE Guider", sine_adapter, source_conditioning, finetuned_weight, start_percent,
-                          end_percent)] + _stack_entries(extra_models)
+        entries = _entries("SINE Guider", sine_adapter, source_conditioning, finetuned_weight, start_percent,
+                           end_percent, extra_models)
         return io.NodeOutput(build_guider("SINE Guider", model, positive, negative, cfg, entries))
 
 
@@ -242,10 +247,7 @@ class SineGuidedSampler(io.ComfyNode):
                                                         "size, multiple of 8), or an encoded image for img2img."),
                 io.Float.Input("denoise", default=1.0, min=0.0, max=1.0, step=0.01,
                                tooltip="1.0 = from pure noise (SINE); lower keeps more of latent_image."),
-            ] + _entry_inputs() + [
-                GuidanceStackType.Input("extra_models", optional=True,
-                                        tooltip="More fine-tuned models from SINE Add Fine-tuned Model."),
-            ],
+            ] + _entry_inputs() + [_extra_models_input()],
             outputs=[io.Latent.Output()],
         )
 
@@ -254,8 +256,8 @@ class SineGuidedSampler(io.ComfyNode):
                 sine_adapter, source_conditioning, finetuned_weight, start_percent, end_percent,
                 extra_models=None) -> io.NodeOutput:
         node = "SINE Guided Sampler"
-        entries = [_entry(node, sine_adapter, source_conditioning, finetuned_weight, start_percent,
-                          end_percent)] + _stack_entries(extra_models)
+        entries = _entries(node, sine_adapter, source_conditioning, finetuned_weight, start_percent, end_percent,
+                           extra_models)
         guider = build_guider(node, model, positive, negative, cfg, entries)
         latent = comfy.sample.fix_empty_latent_channels(model, latent_image["samples"])
         noise = comfy.sample.prepare_noise(latent, seed, latent_image.get("batch_index"))

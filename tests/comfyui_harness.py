@@ -74,6 +74,12 @@ class ComfySession:
         self.sink = self.headless.sink
         self.executor = self.headless.executor
 
+    def pack_module(self, dotted: str):
+        """A module of this pack as ComfyUI imported it (its name starts with the pack's folder path),
+        e.g. "nodes.glue" or "sine_ops.adapters"."""
+        root = self.nodes.NODE_CLASS_MAPPINGS["SINE_Guider"].__module__.rsplit(".nodes.", 1)[0]
+        return sys.modules[f"{root}.{dotted}"]
+
     @property
     def pack_load_ok(self) -> bool:
         """Whether ComfyUI's loader imported the pack (it logs and carries on when an import fails)."""

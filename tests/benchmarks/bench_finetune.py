@@ -65,7 +65,7 @@ def variant(name: str, args) -> dict:
         with torch.inference_mode(False):
             cond = cond.clone()
             train_model = model.clone()
-            glue = sys.modules[s.nodes.NODE_CLASS_MAPPINGS["SINE_Guider"].__module__.rsplit(".", 1)[0] + ".glue"]
+            glue = s.pack_module("nodes.glue")
             glue.attach_trainable_views(train_model, "diffusion_model.")
             mm.load_models_gpu([train_model], force_full_load=True)
             device = mm.get_torch_device()

@@ -1,6 +1,5 @@
 """Bad input catalogue: each case fails with a clear error naming the node and the input, writing nothing."""
 import json
-import sys
 from pathlib import Path
 
 import pytest
@@ -94,7 +93,7 @@ def test_patch_config_geometry(comfy, fixtures):
 
 def test_odd_sizes_alpha_and_grayscale_are_accepted(comfy, fixtures):
     """Not errors, by design: images are resized to the training size; alpha is dropped; gray is repeated."""
-    finetune = sys.modules[comfy.nodes.NODE_CLASS_MAPPINGS["SINE_Finetune"].__module__]
+    finetune = comfy.pack_module("nodes.finetune")
     settings = finetune.FinetuneSettings()
     finetune.validate(settings, torch.rand(1, 101, 77, 3), "photo of a sks dog")  # not a multiple of 8
     rgba, gray = torch.rand(1, 64, 64, 4), torch.rand(1, 64, 64, 1)

@@ -1,5 +1,4 @@
 """Patch-based fine-tuning and arbitrary-resolution sampling inside real ComfyUI (random-weight SD1.5 fixture)."""
-import sys
 from dataclasses import replace
 
 import pytest
@@ -10,11 +9,6 @@ from workflows_api import finetune_graph, sine_sample_graph
 PATCH = {"working_size": 256, "train_resolution": 64, "min_crop_frac": 0.1, "max_crop_frac": 1.0,
          "whole_image_prob": 0.1, "grid_size": 32, "interpolation": "bilinear", "grid_gate": False, "crop_bank": 4}
 EDIT = "photo of a dog wearing a superhero cape"
-
-
-def pack_module(comfy, node_id: str):
-    """The pack's module that defines a node, as ComfyUI imported it."""
-    return sys.modules[comfy.nodes.NODE_CLASS_MAPPINGS[node_id].__module__]
 
 
 @pytest.fixture(scope="module")
@@ -39,12 +33,11 @@ def test_patch_adapter_samples_at_other_aspect_ratios(comfy, fixtures, patch_nod
 
 
 def test_grid_goes_on_finetuned_rows_only_and_off_equals_non_patch(comfy, fixtures, patch_nodes):
-    guidance = pack_module(comfy, "SINE_Guider")
-    glue = sys.modules[guidance.__name__.rsplit(".", 1)[0] + ".glue"]
+    glue = comfy.pack_module("nodes.glue")
     adapter = comfy.node_output("finetune", 3)
     model = comfy.node_output("ckpt", 0)
     off, plain = replace(adapter, grid_enabled=False), replace(adapter, patch=None)
-    router = sys.modules[glue.__name__.rsplit(".", 2)[0] + ".sine_ops.adapters"].RowRouter()
+    router = comfy.pack_module("sine_ops.adapters").RowRouter()
     x = torch.randn(2, 4, 6, 10, generator=torch.Generator().manual_seed(0))
     sigma = torch.tensor([3.0, 3.0])
     cond = torch.randn(2, 77, 768, generator=torch.Generator().manual_seed(1))
