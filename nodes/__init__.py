@@ -1,10 +1,10 @@
-"""ComfyUI glue: V3 nodes that take ComfyUI objects, call sine_ops, and wrap the results."""
+"""The V3 nodes that take ComfyUI objects, call sine_ops, and wrap the results."""
 from typing_extensions import override
 
 from comfy_api.latest import ComfyExtension, io
 
-from .files import LoadSineAdapter, SaveSineAdapter
-from .finetune import SineApplyAdapter, SineFinetune
+from .adapter_nodes import LoadSineAdapter, SaveSineAdapter, SineApplyAdapter
+from .finetune import SineFinetune
 from .guidance import SineAddFinetuned, SineGuidedSampler, SineGuiderNode
 from .patch import PatchResolutionConfig
 

@@ -1,10 +1,11 @@
-"""SINE Guider / SINE Guided Sampler: model-based classifier-free guidance (SINE_METHOD.md §4-§5).
+"""SINE Guider / SINE Guided Sampler: model-based classifier-free guidance (docs/method.md §4-§5).
 
 One UNet, one batched forward per step: the guider's model is a clone of the base MODEL carrying every
 fine-tuned entry's adapters (routed per batch row) and grids, so the base predictions (uncond, edit prompt)
 and the fine-tuned predictions (each entry's training caption) share a forward without any weight re-patching.
-Rows are assigned through `model_function_wrapper`, which ComfyUI calls with `cond_or_uncond`: the index, in
-the conds list given to calc_cond_batch, of every chunk of the batch.
+Rows are assigned per forward call by model_patching.RoutingWrapper (a `model_function_wrapper`, which ComfyUI
+calls with `cond_or_uncond`: the index, in the conds list given to calc_cond_batch, of every chunk of the batch),
+from the cond index -> adapter id list each step puts in its transformer_options.
 """
 from __future__ import annotations
 
@@ -19,10 +20,11 @@ import comfy.utils
 import latent_preview
 from comfy_api.latest import io
 
-from ..sine_ops.adapter_set import SineAdapter
 from ..sine_ops.adapters import RowRouter
 from ..sine_ops.guidance import mix_conditional, window_active
-from . import glue
+from ..sine_ops.sine_adapter import SineAdapter
+from . import model_patching as mp
+from .errors import InputError, node_errors
 from .types import AdapterType, GuidanceStackType
 
 PAPER_FINETUNED_WEIGHT = 0.3  # paper v = 0.7 on the base model, so 0.3 on the fine-tuned one
@@ -39,12 +41,12 @@ class GuidanceEntry:
     end_percent: float
 
 
-def _entry(node: str, adapter, source_conditioning, weight, start_percent, end_percent) -> GuidanceEntry:
+def _entry(adapter, source_conditioning, weight, start_percent, end_percent) -> GuidanceEntry:
     if start_percent > end_percent:
-        raise glue.SineNodeError(f"{node}: input 'start_percent' ({start_percent}) is after 'end_percent' "
-                                 f"({end_percent}); the window would be empty. Paper: start 0.0, end 0.6.")
+        raise InputError("start_percent", f"{start_percent} is after 'end_percent' ({end_percent}); the window "
+                                          "would be empty. Paper: start 0.0, end 0.6.")
     if not 0.0 <= weight <= 1.0:
-        raise glue.SineNodeError(f"{node}: input 'finetuned_weight' must be in [0, 1], got {weight}")
+        raise InputError("finetuned_weight", f"must be in [0, 1], got {weight}")
     return GuidanceEntry(adapter, source_conditioning, weight, start_percent, end_percent)
 
 
@@ -72,21 +74,11 @@ def _entry_inputs():
 
 
 class SineGuider(comfy.samplers.CFGGuider):
-    """CFG with SINE's conditional mix; `entries[i]` owns batch rows whose cond index is 2 + i."""
+    """CFG with SINE's conditional mix; `entries[i]` owns the batch rows of cond index 2 + i."""
 
-    def __init__(self, model_patcher, entries: list[GuidanceEntry], router: RowRouter):
+    def __init__(self, model_patcher, entries: list[GuidanceEntry]):
         super().__init__(model_patcher)
         self.entries = entries
-        self.router = router
-        self.unet_rows_per_step: list[int] = []   # UNet evaluations (batch rows) per predict_noise call
-        self.unet_calls_per_step: list[int] = []  # UNet forward calls per predict_noise call (1 = all batched)
-        self._cond_owner: list[int] = []
-        self.previous_wrapper = model_patcher.model_options.get("model_function_wrapper")  # chained, not replaced
-
-    def sample(self, *args, **kwargs):
-        self.unet_rows_per_step.clear()
-        self.unet_calls_per_step.clear()
-        return super().sample(*args, **kwargs)
 
     def set_conds(self, positive, negative):
         conds = {"positive": positive, "negative": negative}
@@ -98,18 +90,6 @@ class SineGuider(comfy.samplers.CFGGuider):
                                          for c, d in entry.source_conditioning]
         self.inner_set_conds(conds)
 
-    def route_rows(self, apply_model, args):
-        """model_function_wrapper: give each chunk of the batch to its owner (-1 = base model)."""
-        chunks = args["cond_or_uncond"]
-        per_chunk = args["input"].shape[0] // len(chunks)
-        owner = torch.tensor([self._cond_owner[c] for c in chunks]).repeat_interleave(per_chunk)
-        self.unet_rows_per_step[-1] += args["input"].shape[0]
-        self.unet_calls_per_step[-1] += 1
-        with self.router.route(owner):
-            if self.previous_wrapper is not None:
-                return self.previous_wrapper(apply_model, args)
-            return apply_model(args["input"], args["timestep"], **args["c"])
-
     def predict_noise(self, x, timestep, model_options={}, seed=None):
         model = self.inner_model
         t = float(model.model_sampling.timestep(timestep[:1]).item())
@@ -119,9 +99,7 @@ class SineGuider(comfy.samplers.CFGGuider):
         positive, negative = self.conds.get("positive"), self.conds.get("negative")
         uncond = None if cfg1 else negative
         conds = [positive, uncond] + [self.conds[f"sine_source_{i}"] for i in active]
-        self._cond_owner = [-1, -1] + active
-        self.unet_rows_per_step.append(0)
-        self.unet_calls_per_step.append(0)
+        model_options = _with_cond_owner(model_options, [-1, -1] + active)
         if "sampler_calc_cond_batch_function" in model_options:
             out = model_options["sampler_calc_cond_batch_function"](
                 {"conds": conds, "input": x, "sigma": timestep, "model": model, "model_options": model_options})
@@ -137,29 +115,33 @@ class SineGuider(comfy.samplers.CFGGuider):
                                            cond=positive, uncond=uncond)
 
 
-def build_guider(node: str, model, positive, negative, cfg: float, entries: list[GuidanceEntry]) -> SineGuider:
-    if model.model_options.get("transformer_options", {}).get("sine_finetuned"):
-        raise glue.SineNodeError(f"{node}: input 'model' is a SINE Finetune output; connect the base MODEL from your "
-                                 "checkpoint loader (the fine-tuned side comes from sine_adapter).")
+def _with_cond_owner(model_options: dict, owner: list[int]) -> dict:
+    """model_options for this step only, whose transformer_options say which adapter owns each cond index."""
+    return {**model_options, "transformer_options": {**model_options.get("transformer_options", {}),
+                                                     mp.COND_OWNER_KEY: owner}}
+
+
+def build_guider(model, positive, negative, cfg: float, entries: list[GuidanceEntry]) -> SineGuider:
+    if model.model_options.get("transformer_options", {}).get(mp.FINETUNED_FLAG):
+        raise InputError("model", "this is a SINE Finetune output; connect the base MODEL from your checkpoint "
+                                  "loader (the fine-tuned side comes from sine_adapter).")
     total = sum(e.weight for e in entries)
     if total > 1.0 + 1e-6:
-        raise glue.SineNodeError(f"{node}: the fine-tuned weights sum to {total:.3f} > 1, which would give the base "
-                                 "model a negative weight; lower 'finetuned_weight' on the entries.")
+        raise InputError("finetuned_weight", f"the fine-tuned weights sum to {total:.3f} > 1, which would give the "
+                                             "base model a negative weight; lower 'finetuned_weight' on the entries.")
     for e in entries:
-        glue.check_family(e.adapter, model, node)
-    router = RowRouter()
-    patched, _ = glue.patched_model(model, {i: e.adapter for i, e in enumerate(entries)}, router, node)
-    guider = SineGuider(patched, entries, router)
-    patched.set_model_unet_function_wrapper(guider.route_rows)
+        mp.check_family(e.adapter, model)
+    patched = mp.patched_model(model, {i: e.adapter for i, e in enumerate(entries)}, RowRouter())
+    guider = SineGuider(patched, entries)
     guider.set_conds(positive, negative)
     guider.set_cfg(cfg)
     return guider
 
 
-def _entries(node: str, sine_adapter, source_conditioning, finetuned_weight, start_percent, end_percent,
+def _entries(sine_adapter, source_conditioning, finetuned_weight, start_percent, end_percent,
              extra_models) -> list[GuidanceEntry]:
     """The node's own entry first, then those chained in through extra_models."""
-    return [_entry(node, sine_adapter, source_conditioning, finetuned_weight, start_percent, end_percent)] + \
+    return [_entry(sine_adapter, source_conditioning, finetuned_weight, start_percent, end_percent)] + \
         list(extra_models or ())
 
 
@@ -185,8 +167,8 @@ class SineAddFinetuned(io.ComfyNode):
     @classmethod
     def execute(cls, sine_adapter, source_conditioning, finetuned_weight, start_percent, end_percent,
                 extra_models=None) -> io.NodeOutput:
-        entry = _entry("SINE Add Fine-tuned Model", sine_adapter, source_conditioning, finetuned_weight,
-                       start_percent, end_percent)
+        with node_errors("SINE Add Fine-tuned Model"):
+            entry = _entry(sine_adapter, source_conditioning, finetuned_weight, start_percent, end_percent)
         return io.NodeOutput(tuple(extra_models or ()) + (entry,))
 
 
@@ -215,9 +197,10 @@ class SineGuiderNode(io.ComfyNode):
     @classmethod
     def execute(cls, model, positive, negative, cfg, sine_adapter, source_conditioning, finetuned_weight,
                 start_percent, end_percent, extra_models=None) -> io.NodeOutput:
-        entries = _entries("SINE Guider", sine_adapter, source_conditioning, finetuned_weight, start_percent,
-                           end_percent, extra_models)
-        return io.NodeOutput(build_guider("SINE Guider", model, positive, negative, cfg, entries))
+        with node_errors("SINE Guider"):
+            entries = _entries(sine_adapter, source_conditioning, finetuned_weight, start_percent, end_percent,
+                               extra_models)
+            return io.NodeOutput(build_guider(model, positive, negative, cfg, entries))
 
 
 class SineGuidedSampler(io.ComfyNode):
@@ -255,10 +238,10 @@ class SineGuidedSampler(io.ComfyNode):
     def execute(cls, model, seed, steps, cfg, sampler_name, scheduler, positive, negative, latent_image, denoise,
                 sine_adapter, source_conditioning, finetuned_weight, start_percent, end_percent,
                 extra_models=None) -> io.NodeOutput:
-        node = "SINE Guided Sampler"
-        entries = _entries(node, sine_adapter, source_conditioning, finetuned_weight, start_percent, end_percent,
-                           extra_models)
-        guider = build_guider(node, model, positive, negative, cfg, entries)
+        with node_errors("SINE Guided Sampler"):
+            entries = _entries(sine_adapter, source_conditioning, finetuned_weight, start_percent, end_percent,
+                               extra_models)
+            guider = build_guider(model, positive, negative, cfg, entries)
         latent = comfy.sample.fix_empty_latent_channels(model, latent_image["samples"])
         noise = comfy.sample.prepare_noise(latent, seed, latent_image.get("batch_index"))
         sigmas = comfy.samplers.KSampler(model, steps=steps, device=model.load_device, sampler=sampler_name,

@@ -1,7 +1,8 @@
-"""Patch Resolution Config: settings for SINE's patch-based fine-tuning (SINE_METHOD.md §3)."""
+"""Patch Resolution Config: settings for SINE's patch-based fine-tuning (docs/method.md §3)."""
 from comfy_api.latest import io
 
-from ..sine_ops.config import INTERPOLATIONS, PatchConfig
+from ..sine_ops.config import INTERPOLATIONS, PatchConfig, sizes_text
+from .errors import InputError, node_errors
 from .types import PatchConfigType
 
 _D = PatchConfig()
@@ -20,11 +21,11 @@ class PatchResolutionConfig(io.ComfyNode):
             inputs=[
                 io.Int.Input("working_size", default=_D.working_size, min=0, max=8192, step=64,
                              tooltip="Side in pixels of the canvas the source image is stretched to before crops are "
-                                     "cut. 0 = model family default (SD1.x 1024 as in the paper, SD2.x 1536, SDXL "
-                                     "2048). Larger keeps more fine detail in small crops."),
+                                     f"cut. 0 = model family default ({sizes_text('canvas')}; SD1.x as the paper). "
+                                     "Larger keeps more fine detail in small crops."),
                 io.Int.Input("train_resolution", default=_D.train_resolution, min=0, max=2048, step=64,
                              tooltip="Side in pixels every crop is resized to for training. 0 = the family's native "
-                                     "size (SD1.x 512, SD2.x 768, SDXL 1024). Lower is faster and uses less memory."),
+                                     f"size ({sizes_text('native')}). Lower is faster and uses less memory."),
                 io.Float.Input("min_crop_frac", default=_D.min_crop_frac, min=0.01, max=1.0, step=0.01,
                                tooltip="Smallest crop side as a fraction of the canvas side; height and width are "
                                        "drawn independently. Small crops teach detail, large ones layout "
@@ -57,8 +58,9 @@ class PatchResolutionConfig(io.ComfyNode):
                 interpolation, grid_gate, crop_bank) -> io.NodeOutput:
         config = PatchConfig(working_size, train_resolution, min_crop_frac, max_crop_frac, whole_image_prob,
                              grid_size, interpolation, grid_gate, crop_bank)
-        try:
-            config.validate()
-        except ValueError as e:
-            raise ValueError(f"SINE Patch Resolution Config: {e}") from None
+        with node_errors("SINE Patch Resolution Config"):
+            try:
+                config.validate()
+            except ValueError as e:
+                raise InputError(None, str(e)) from None
         return io.NodeOutput(config)

@@ -3,8 +3,13 @@
 An adapter never touches the base layer: it adds an activation-space delta after the layer's own forward, so
 rows of a batch that no adapter owns get exactly the base output, and the base weights stay frozen and shareable.
 """
+import contextvars
+import copy
+import functools
 import math
+import weakref
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -100,76 +105,97 @@ class FullDelta(nn.Module):
         return None if self.bias is None else self.bias.float()
 
 
-@torch.no_grad()
-def merged_weight(weight: torch.Tensor, adapter: LoRA | FullDelta) -> torch.Tensor:
-    """New tensor weight + delta, summed in fp32 so low-precision base weights lose no more than one rounding."""
-    return (weight.float() + adapter.delta_weight().to(weight.device)).to(weight.dtype)
-
-
-@torch.no_grad()
-def merged_bias(bias: torch.Tensor | None, adapter: LoRA | FullDelta) -> torch.Tensor | None:
-    """New tensor bias + bias delta; the input itself when the adapter has no bias delta (LoRA)."""
-    delta = adapter.delta_bias()
-    if delta is None:
-        return bias
-    if bias is None:
-        raise ValueError("adapter has a bias delta but the layer has no bias")
-    return (bias.float() + delta.to(bias.device)).to(bias.dtype)
-
-
 class RowRouter:
-    """Which batch rows each adapter id applies to during the current forward.
+    """Which batch rows each adapter id owns during the forward that runs in this thread (or asyncio task).
 
-    row_owner None: every adapter applies to all rows (training, or a fine-tuned model on its own).
-    row_owner (B,) long: -1 = base row, k = row owned by adapter id k (one batch mixing base and fine-tuned rows).
+    Routing lives in a ContextVar set around each forward call, never in shared state, so forwards on several
+    threads (ComfyUI's multi-GPU workers call the model wrapper from worker threads) route independently.
+    Outside `route`: every adapter applies to all rows (training, or a fine-tuned model on its own).
+    `route(row_owner)`: (B,) long, -1 = base row, k = row owned by adapter id k (one batch mixing base and
+    fine-tuned rows); `root`: the model that is running, so adapted layers use that model's modules even when
+    their patch was copied onto another model (see AdaptedForward).
     """
 
     def __init__(self):
-        self.enabled = True
-        self.row_owner: torch.Tensor | None = None
-        self._cache: dict = {}
+        self._state: contextvars.ContextVar[_Routing | None] = contextvars.ContextVar("sine_routing", default=None)
 
     def rows(self, adapter_id: int, batch: int, device=None) -> slice | torch.Tensor | None:
         """slice(None) = all rows, a LongTensor of row indices, or None = no rows (skip the adapter)."""
-        if not self.enabled:
-            return None
-        if self.row_owner is None:
+        state = self._state.get()
+        if state is None or state.row_owner is None:
             return slice(None)
-        if self.row_owner.shape[0] != batch:
-            raise ValueError(f"row_owner has {self.row_owner.shape[0]} entries but the batch has {batch} rows")
+        if state.row_owner.shape[0] != batch:
+            raise ValueError(f"row_owner has {state.row_owner.shape[0]} entries but the batch has {batch} rows")
         key = (adapter_id, str(device))
-        if key not in self._cache:  # every adapted layer asks the same question once per forward
-            idx = (self.row_owner == adapter_id).nonzero().flatten()
-            self._cache[key] = None if idx.numel() == 0 else slice(None) if idx.numel() == batch else idx.to(device)
-        return self._cache[key]
+        if key not in state.cache:  # every adapted layer asks the same question once per forward
+            idx = (state.row_owner == adapter_id).nonzero().flatten()
+            state.cache[key] = None if idx.numel() == 0 else slice(None) if idx.numel() == batch else idx.to(device)
+        return state.cache[key]
+
+    def running_root(self) -> nn.Module | None:
+        state = self._state.get()
+        return None if state is None else state.root
 
     @contextmanager
-    def route(self, row_owner):
-        """Set row ownership for the enclosed forward(s); the previous state is always restored."""
-        prev = self.row_owner, self._cache
-        self.row_owner = None if row_owner is None else torch.as_tensor(row_owner, dtype=torch.long).flatten().cpu()
-        self._cache = {}
+    def route(self, row_owner, root: nn.Module | None = None):
+        """Set row ownership (None = all rows) for the enclosed forward(s) of this thread; always restored."""
+        owner = None if row_owner is None else torch.as_tensor(row_owner, dtype=torch.long).flatten().cpu()
+        token = self._state.set(_Routing(owner, root, {}))
         try:
             yield self
         finally:
-            self.row_owner, self._cache = prev
+            self._state.reset(token)
+
+
+@dataclass
+class _Routing:
+    row_owner: torch.Tensor | None
+    root: nn.Module | None
+    cache: dict  # (adapter id, device) -> rows, filled by the first layer that asks
 
 
 class AdaptedForward:
-    """Replacement for `module.forward`: the class forward (the base output) plus each routed adapter's delta."""
+    """Replacement for `module.forward`: the class forward (the base output) plus each routed adapter's delta.
 
-    def __init__(self, module: nn.Module, adapters: dict[int, nn.Module], router: RowRouter):
-        self.module, self.adapters, self.router = module, dict(adapters), router
+    `path` locates the layer from the model root it was made for. When the router names another running root
+    (the patch was copied onto a patcher over another model instance: ComfyUI's non-dynamic delegates, multi-GPU
+    clones), the layer is looked up there, so the base output always comes from the model that runs.
+    """
+
+    def __init__(self, module: nn.Module, path: str, adapters: dict[int, nn.Module], router: RowRouter):
+        self.module, self.path, self.adapters, self.router = module, path, dict(adapters), router
+        self._modules_by_root: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+        self._adapters_by_device: dict = {}  # frozen per-device copies (a model copy on a second GPU)
+
+    def _module(self) -> nn.Module:
+        root = self.router.running_root()
+        if root is None:
+            return self.module
+        module = self._modules_by_root.get(root)
+        if module is None:
+            module = self._modules_by_root[root] = functools.reduce(getattr, self.path.split("."), root)
+        return module
+
+    def _adapter_on(self, adapter_id: int, adapter: nn.Module, device: torch.device) -> nn.Module:
+        if next(adapter.parameters()).device == device:
+            return adapter
+        if any(p.requires_grad for p in adapter.parameters()):
+            adapter.to(device)  # training: the trained parameters themselves follow the model
+            return adapter
+        key = (adapter_id, str(device))
+        if key not in self._adapters_by_device:  # sampling: one frozen copy per device, never moved back and forth
+            self._adapters_by_device[key] = copy.deepcopy(adapter).to(device)
+        return self._adapters_by_device[key]
 
     def __call__(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        module = self._module()
         # The class forward, not the instance attribute (which is this object once patched in).
-        y = type(self.module).forward(self.module, x, *args, **kwargs)
+        y = type(module).forward(module, x, *args, **kwargs)
         for adapter_id, adapter in self.adapters.items():
             rows = self.router.rows(adapter_id, x.shape[0], x.device)
             if rows is None:
                 continue
-            if next(adapter.parameters()).device != x.device:
-                adapter.to(x.device)  # once: follow the model to its device instead of copying at every call
+            adapter = self._adapter_on(adapter_id, adapter, x.device)
             if isinstance(rows, slice):
                 y = y + adapter(x).to(y.dtype)
             else:

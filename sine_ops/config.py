@@ -1,14 +1,39 @@
-"""Settings dataclasses shared by the nodes and the training / sampling code (one place for every default)."""
+"""Every setting of the pack, one dataclass per concern, with the reason for each default (docs/method.md §7).
+
+The nodes build their widgets (defaults, choices, tooltips that quote sizes) from these tables, so a default is
+written once.
+"""
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
+
+@dataclass(frozen=True)
+class FamilySizes:
+    """Sizes of one model family. SD1.x values are the paper's (docs/method.md §3: 1024 canvas, 512 crops,
+    128-cell grid); SD2.x-768 and SDXL scale both sizes with the family's native resolution and keep the 128-cell
+    grid, so a cell is 8, 12 or 16 px of the canvas."""
+    native: int   # training side (px) of a plain fine-tune, and of every crop in patch mode
+    canvas: int   # patch mode: the side the source is stretched to before crops are cut
+
+
+FAMILY_SIZES = {"sd1": FamilySizes(512, 1024), "sd2": FamilySizes(768, 1536), "sdxl": FamilySizes(1024, 2048)}
+DEFAULT_FAMILY = "sd1"  # families outside the table (e.g. sdxl_refiner) train at SD1.x sizes unless set
+
+
+def family_sizes(family: str) -> FamilySizes:
+    return FAMILY_SIZES.get(family, FAMILY_SIZES[DEFAULT_FAMILY])
+
+
+def sizes_text(attr: str) -> str:
+    """'SD1.x 512, SD2.x 768, SDXL 1024' for tooltips, from FAMILY_SIZES."""
+    names = {"sd1": "SD1.x", "sd2": "SD2.x", "sdxl": "SDXL"}
+    return ", ".join(f"{names[f]} {getattr(s, attr)}" for f, s in FAMILY_SIZES.items())
+
+
+# How the positional grid window is resized to a crop or an output size (bilinear for photos, nearest for
+# paintings, as the official painting configs).
 INTERPOLATIONS = ("bilinear", "nearest")
-
-# Native training resolution and SINE working canvas per model family. SD1.x values are the paper's
-# (SINE_METHOD.md §3: 1024 canvas, 512 crops, 128-cell grid); SD2.x-768 and SDXL scale both sizes with the
-# family's native resolution and keep the 128-cell grid, so a cell is 8, 12 or 16 px of the canvas.
-FAMILY_SIZES = {"sd1": (512, 1024), "sd2": (768, 1536), "sdxl": (1024, 2048)}
 
 
 @dataclass(frozen=True)
@@ -26,13 +51,19 @@ class PatchConfig:
 
     def resolved(self, family: str) -> "PatchConfig":
         """Fill the family defaults (0 fields) in; validate the geometry."""
-        native, canvas = FAMILY_SIZES.get(family, FAMILY_SIZES["sd1"])
-        cfg = PatchConfig(**{**asdict(self), "working_size": self.working_size or canvas,
-                             "train_resolution": self.train_resolution or native})
+        sizes = family_sizes(family)
+        if not self.working_size and self.grid_size > 0 and sizes.canvas % self.grid_size:
+            # name what the user set: grid_size, against a canvas size they never typed
+            raise ValueError(f"grid_size {self.grid_size} does not divide this model's default canvas of "
+                             f"{sizes.canvas} px (working_size 0 = family default); use a grid_size that divides "
+                             f"{sizes.canvas} (paper: 128) or set working_size to a multiple of {self.grid_size}")
+        cfg = replace(self, working_size=self.working_size or sizes.canvas,
+                      train_resolution=self.train_resolution or sizes.native)
         cfg.validate()
         return cfg
 
     def validate(self) -> None:
+        """Raises ValueError naming the setting (as the user set it) and the fix."""
         if not 0 < self.min_crop_frac <= self.max_crop_frac <= 1.0:
             raise ValueError(f"crop fractions must satisfy 0 < min ({self.min_crop_frac}) <= max "
                              f"({self.max_crop_frac}) <= 1")
@@ -40,6 +71,8 @@ class PatchConfig:
             raise ValueError(f"whole_image_prob must be in [0, 1], got {self.whole_image_prob}")
         if self.interpolation not in INTERPOLATIONS:
             raise ValueError(f"interpolation must be one of {INTERPOLATIONS}, got {self.interpolation!r}")
+        if self.grid_size < 1:
+            raise ValueError(f"grid_size must be at least 1, got {self.grid_size}")
         if self.working_size and self.working_size % self.grid_size:
             raise ValueError(f"working_size {self.working_size} must be a multiple of grid_size {self.grid_size} "
                              "so crops fall on whole grid cells")
@@ -58,3 +91,60 @@ class PatchConfig:
     @classmethod
     def from_dict(cls, d: dict) -> "PatchConfig":
         return cls(**{k: d[k] for k in cls.__dataclass_fields__ if k in d})
+
+
+# ---- fine-tuning ---------------------------------------------------------------------------------------------------
+METHODS = ("lora", "full")
+TEXT_ENCODER_MODES = ("off", "lora", "full")
+PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+RESIZE_MODES = ("stretch", "keep_aspect")
+_ATTENTION = ("attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0",
+              "attn2.to_q", "attn2.to_k", "attn2.to_v", "attn2.to_out.0")
+# Which UNet layers train, by module-name suffix (SD/LDM naming, as in ComfyUI's UNet); None = every Linear and Conv2d
+LAYER_SETS = {
+    "attention": _ATTENTION,
+    "attention+ff": _ATTENTION + ("ff.net.0.proj", "ff.net.2", "proj_in", "proj_out"),
+    "all": None,
+}
+TEXT_ENCODER_LORA_LAYERS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj",
+                            "mlp.fc1", "mlp.fc2")
+
+
+@dataclass(frozen=True)
+class FinetuneSettings:
+    """Every choice that changes the trained result (it is also part of the disk-cache key)."""
+    steps: int = 400                    # LoRA at 1e-4 overfits one image in a few hundred steps
+    learning_rate: float = 1e-4         # LoRA scale; the paper's full fine-tune uses 1e-6
+    seed: int = 0
+    method: str = "lora"                # "lora" or "full" (dense deltas of every weight and bias of the layers)
+    lora_rank: int = 16
+    lora_alpha: float = 16.0
+    layers: str = "attention"           # LAYER_SETS key: which UNet layers train (both methods)
+    text_encoder: str = "off"           # "off", "lora" or "full"; SINE trains it fully
+    precision: str = "auto"             # compute dtype on GPU; always fp32 on CPU
+    gradient_checkpointing: bool = False
+    resize: str = "stretch"             # paper: stretch to the training square; keep_aspect keeps the ratio
+    resolution: int = 0                 # training side in px; 0 = the family's native size
+
+
+PRESETS = {
+    "custom": {},  # the node's inputs as set (their defaults are lora_default)
+    "lora_default": dict(steps=400, learning_rate=1e-4, method="lora", lora_rank=16, lora_alpha=16.0,
+                         layers="attention", text_encoder="off"),
+    "paper": dict(steps=800, learning_rate=1e-6, method="full", layers="all", text_encoder="full",
+                  precision="fp32", gradient_checkpointing=True),
+}
+
+
+def resolve_settings(preset: str, **inputs) -> FinetuneSettings:
+    """The node's inputs with the preset's values on top (a preset overrides the inputs it names)."""
+    return replace(FinetuneSettings(**inputs), **PRESETS[preset])
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    """AdamW as the official code: torch defaults except the learning rate (docs/method.md §2, §7)."""
+    steps: int = 800               # optimisation steps (paper: 800 plain, 10,000 patch-based)
+    learning_rate: float = 1e-6    # constant, no warmup (paper, full fine-tune); LoRA wants ~1e-4
+    weight_decay: float = 0.01     # torch AdamW default, as the official code
+    clip_grad_norm: float | None = 1.0  # ours: bounds a bad first step of a high-lr LoRA; the official code has none

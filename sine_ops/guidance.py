@@ -1,4 +1,4 @@
-"""Model-based classifier-free guidance (SINE Eq. 2/3 and the multi-model sampler; SINE_METHOD.md §4-§5).
+"""Model-based classifier-free guidance (SINE Eq. 2/3 and the multi-model sampler; docs/method.md §4-§5).
 
 The mix is affine with weights summing to 1, so it applies unchanged to eps, x0 ("denoised") or v outputs taken at
 the same x_t and sigma.
@@ -39,12 +39,6 @@ def mix_conditional(cond_edit: torch.Tensor, cond_finetuned: Sequence[torch.Tens
     return out
 
 
-def sine_guidance(uncond: torch.Tensor, cond_edit: torch.Tensor, cond_finetuned: Sequence[torch.Tensor | None],
-                  cfg: float, weights: Sequence[float], active: Sequence[bool]) -> torch.Tensor:
-    """uncond + cfg*(mix - uncond), the uncond always from the pretrained model (SINE Eq. 2/3, §5)."""
-    return uncond + cfg * (mix_conditional(cond_edit, cond_finetuned, weights, active) - uncond)
-
-
 def window_active(timestep: float, start_percent: float, end_percent: float) -> bool:
     """Whether DDPM timestep t is in the window (1-end)*1000 < t <= (1-start)*1000 (ComfyUI percents, 0 = noisiest).
 
@@ -56,10 +50,3 @@ def window_active(timestep: float, start_percent: float, end_percent: float) -> 
     if timestep > round((1.0 - start_percent) * 1000.0, 6):
         return False
     return end_percent >= 1.0 or timestep > round((1.0 - end_percent) * 1000.0, 6)
-
-
-def paper_window(K: int) -> tuple[float, float]:
-    """(start_percent, end_percent) for the paper's guidance on t > K (SINE §4: K = 400 -> (0.0, 0.6))."""
-    if not 0 <= K <= 1000:
-        raise ValueError(f"K must be in [0, 1000], got {K}")
-    return 0.0, 1.0 - K / 1000

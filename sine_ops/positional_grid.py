@@ -1,4 +1,4 @@
-"""SINE's fixed 2-D sinusoidal positional grid and the patch-training crop boxes (SINE_METHOD.md §3).
+"""SINE's fixed 2-D sinusoidal positional grid and the patch-training crop boxes (docs/method.md §3).
 
 Boxes are (y0, x0, y1, x1), row-first, end-exclusive, in cells of the grid_size x grid_size latent canvas.
 """
@@ -7,7 +7,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-MODES = ("bilinear", "nearest")
+from .config import INTERPOLATIONS
 
 
 def sinusoidal_table(num_positions: int = 128, dim: int = 160) -> torch.Tensor:
@@ -45,8 +45,8 @@ def positional_grid(grid_size: int = 128, channels: int = 320) -> torch.Tensor:
 
 def resize_grid(grid: torch.Tensor, out_hw, mode: str = "bilinear") -> torch.Tensor:
     """(C, h, w) -> (C, H, W): bilinear align_corners=True (picture configs) or legacy nearest (painting configs)."""
-    if mode not in MODES:
-        raise ValueError(f"interpolation mode must be one of {MODES}, got {mode!r}")
+    if mode not in INTERPOLATIONS:
+        raise ValueError(f"interpolation mode must be one of {INTERPOLATIONS}, got {mode!r}")
     kwargs = dict(align_corners=True) if mode == "bilinear" else {}
     return F.interpolate(grid[None], size=tuple(out_hw), mode=mode, **kwargs)[0]
 

@@ -1,4 +1,4 @@
-"""SINE stage one: fine-tune on a single image (SINE_METHOD.md §2), model-agnostic and in plain torch.
+"""SINE stage one: fine-tune on a single image (docs/method.md §2), model-agnostic and in plain torch.
 
 The caller supplies the denoiser (any callable returning ComfyUI-style *denoised* predictions) and a schedule
 object with ComfyUI's `model_sampling` interface; the loss is taken in the model's own output space (ε for
@@ -7,10 +7,11 @@ SD1.x, v for SD2.x-v, ...), with timesteps drawn uniformly over the schedule as 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import Callable, Iterable, Protocol
 
 import torch
+
+from .config import OptimConfig
 
 
 class Schedule(Protocol):
@@ -20,14 +21,6 @@ class Schedule(Protocol):
     def noise_scaling(self, sigma, noise, latent_image, max_denoise=False) -> torch.Tensor: ...
 
     def calculate_denoised(self, sigma, model_output, model_input) -> torch.Tensor: ...
-
-
-@dataclass(frozen=True)
-class OptimConfig:
-    """AdamW as the official code: torch defaults except the learning rate (SINE_METHOD.md §2, §7)."""
-    steps: int = 800               # optimisation steps (paper: 800 plain, 10,000 patch-based)
-    learning_rate: float = 1e-6    # constant, no warmup (paper, full fine-tune); LoRA wants ~1e-4
-    weight_decay: float = 0.01     # torch AdamW default, as the official code
 
 
 class TrainingDiverged(RuntimeError):
@@ -83,7 +76,7 @@ def normal_tensor_view(t: torch.Tensor) -> torch.Tensor:
 
 
 def train(params: Iterable[torch.nn.Parameter], loss_at_step: Callable[[int], torch.Tensor], config: OptimConfig,
-          on_step: Callable[[int, float], None] = lambda step, loss: None, clip_grad_norm: float | None = None):
+          on_step: Callable[[int, float], None] = lambda step, loss: None):
     """Run AdamW for `config.steps` steps; `loss_at_step(i)` builds step i's loss. Returns the loss per step.
 
     `on_step(i, loss)` runs after each step (progress, cancel: it may raise to stop). The optimizer's state is
@@ -99,8 +92,8 @@ def train(params: Iterable[torch.nn.Parameter], loss_at_step: Callable[[int], to
             if not math.isfinite(value):
                 raise TrainingDiverged(step + 1, config.learning_rate)
             loss.backward()
-            if clip_grad_norm:
-                torch.nn.utils.clip_grad_norm_(params, clip_grad_norm)
+            if config.clip_grad_norm:
+                torch.nn.utils.clip_grad_norm_(params, config.clip_grad_norm)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             losses.append(value)
@@ -110,25 +103,3 @@ def train(params: Iterable[torch.nn.Parameter], loss_at_step: Callable[[int], to
         optimizer.state.clear()
         del optimizer
     return losses
-
-
-class LinearDDPMSchedule(torch.nn.Module):
-    """SD's ε-prediction schedule (linear-in-sqrt betas 0.00085..0.012, T=1000) with ComfyUI's σ interface.
-
-    Used by the pure-torch tests and benchmarks; inside ComfyUI the model's own `model_sampling` is used.
-    """
-
-    def __init__(self, timesteps: int = 1000, beta_start: float = 0.00085, beta_end: float = 0.012):
-        super().__init__()
-        betas = torch.linspace(beta_start ** 0.5, beta_end ** 0.5, timesteps, dtype=torch.float64) ** 2
-        alphas_cumprod = torch.cumprod(1.0 - betas, dim=0)
-        self.register_buffer("sigmas", (((1 - alphas_cumprod) / alphas_cumprod) ** 0.5).float())
-
-    def noise_scaling(self, sigma, noise, latent_image, max_denoise=False):
-        return latent_image + noise * sigma.view(sigma.shape[:1] + (1,) * (noise.ndim - 1))
-
-    def calculate_denoised(self, sigma, model_output, model_input):
-        return model_input - model_output * sigma.view(sigma.shape[:1] + (1,) * (model_output.ndim - 1))
-
-    def calculate_input(self, sigma, noise):
-        return noise / (sigma.view(sigma.shape[:1] + (1,) * (noise.ndim - 1)) ** 2 + 1.0) ** 0.5

@@ -4,8 +4,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sine_ops.adapters import (AdaptedForward, FullDelta, LoRA, RowRouter, adaptable_layers, conv_spec,
-                               merged_bias, merged_weight)
+from reference_forms import merged_bias, merged_weight
+from sine_ops.adapters import AdaptedForward, FullDelta, LoRA, RowRouter, adaptable_layers, conv_spec
 
 
 def make_layer(kind):
@@ -41,23 +41,20 @@ KINDS = ["linear", "conv"]
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_fresh_lora_is_identity_and_disabled_router_is_base(kind):
+def test_fresh_lora_is_identity_and_base_rows_get_the_base_output(kind):
     layer, x = make_layer(kind)
     base = layer(x)
     lora = LoRA(tuple(layer.weight.shape), 2, 4.0, conv=conv_spec(layer), generator=torch.Generator().manual_seed(1))
     router = RowRouter()
-    fwd = AdaptedForward(layer, {0: lora}, router)
+    fwd = AdaptedForward(layer, "layer", {0: lora}, router)
     assert torch.equal(fwd(x), base)  # zero up: adapted model starts exactly at the base
 
     with torch.no_grad():
         lora.up.normal_()
     assert not torch.allclose(fwd(x), base)
-    router.enabled = False
-    assert torch.equal(fwd(x), base)
-    router.enabled = True
     with router.route([-1, -1, -1, -1]):
         assert torch.equal(fwd(x), base)
-    assert router.row_owner is None  # route restores the previous state
+    assert router.rows(0, 4) == slice(None)  # route restores the previous state: all rows
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -92,7 +89,7 @@ def test_mixed_batch_rows_match_separate_calls(kind, adapter_kind):
     a0 = make_adapter(kind, layer, adapter_kind, seed=10)
     a1 = make_adapter(kind, layer, adapter_kind, seed=11)
     router = RowRouter()
-    fwd = AdaptedForward(layer, {0: a0, 1: a1}, router)
+    fwd = AdaptedForward(layer, "layer", {0: a0, 1: a1}, router)
     with torch.no_grad():
         base = layer(x)
         only0, only1 = layer(x) + a0(x), layer(x) + a1(x)
@@ -125,7 +122,7 @@ def test_gradients_reach_only_adapter_params(kind, adapter_kind):
     layer.requires_grad_(False)
     adapter = make_adapter(kind, layer, adapter_kind, seed=5)
     router = RowRouter()
-    fwd = AdaptedForward(layer, {0: adapter}, router)
+    fwd = AdaptedForward(layer, "layer", {0: adapter}, router)
     with router.route([0, -1, 0, -1]):
         fwd(x).square().sum().backward()
     assert layer.weight.grad is None and layer.bias.grad is None
@@ -139,7 +136,7 @@ def test_patched_instance_forward():
     adapter = make_adapter("conv", layer, "lora", seed=2)
     with torch.no_grad():
         expected = layer(x) + adapter(x)
-        layer.forward = AdaptedForward(layer, {0: adapter}, RowRouter())
+        layer.forward = AdaptedForward(layer, "layer", {0: adapter}, RowRouter())
         assert torch.equal(layer(x), expected)
 
 
@@ -165,3 +162,50 @@ def test_adaptable_layers():
     net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4)))
     assert [n for n, _ in adaptable_layers(net, lambda n, m: True)] == ["0", "2.0"]
     assert [n for n, _ in adaptable_layers(net, lambda n, m: isinstance(m, nn.Linear))] == ["2.0"]
+
+
+def test_routing_is_per_thread_under_concurrent_forwards():
+    """Two threads route the same adapted layer differently at the same time; each sees only its own routing."""
+    import threading
+    layer, x = make_layer("linear")
+    adapter = make_adapter("linear", layer, "lora", seed=5)
+    router = RowRouter()
+    fwd = AdaptedForward(layer, "layer", {0: adapter}, router)
+    with torch.no_grad():
+        base, adapted = layer(x), layer(x) + adapter(x)
+    owners = {"a": [0, -1, 0, -1], "b": [-1, 0, -1, 0]}
+    barrier, errors = threading.Barrier(2), []
+
+    def run(name):
+        try:
+            for _ in range(50):
+                with router.route(owners[name]), torch.no_grad():
+                    barrier.wait(timeout=10)  # both threads are inside their own route() now
+                    y = fwd(x)
+                for row, owner in enumerate(owners[name]):
+                    assert torch.equal(y[row], (adapted if owner == 0 else base)[row]), (name, row)
+        except BaseException as e:  # reported below; a thread's assertion would otherwise be lost
+            errors.append(e)
+            barrier.abort()
+
+    threads = [threading.Thread(target=run, args=(n,)) for n in owners]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+
+
+def test_adapted_layer_runs_the_module_of_the_model_that_runs():
+    """A patch copied onto another model instance (ComfyUI's non-dynamic delegates, multi-GPU clones) must use that
+    model's layer, named by the router's running root, not the one it was created for."""
+    torch.manual_seed(0)
+    model_a, model_b = nn.Sequential(nn.Linear(8, 6)), nn.Sequential(nn.Linear(8, 6))
+    adapter = make_adapter("linear", model_a[0], "lora", seed=2)
+    router = RowRouter()
+    fwd = AdaptedForward(model_a[0], "0", {0: adapter}, router)
+    x = torch.randn(3, 8)
+    with torch.no_grad():
+        assert torch.equal(fwd(x), model_a[0](x) + adapter(x))          # no running root: its own layer
+        with router.route(None, root=model_b):
+            assert torch.equal(fwd(x), model_b[0](x) + adapter(x))      # the running model's layer

@@ -2,7 +2,8 @@
 import pytest
 import torch
 
-from sine_ops.guidance import mix_conditional, paper_window, sine_guidance, window_active
+from reference_forms import paper_window, sine_guidance
+from sine_ops.guidance import mix_conditional, window_active
 
 
 @pytest.fixture

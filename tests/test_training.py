@@ -3,9 +3,12 @@ import pytest
 import torch
 from torch import nn
 
-from sine_ops.adapter_set import SineAdapter
+from sine_ops.adapter_file import AdapterFileError, from_state_dict, metadata, state_dict
+from sine_ops.config import OptimConfig
+from sine_ops.sine_adapter import SineAdapter
 from sine_ops.adapters import AdaptedForward, LoRA, RowRouter, adaptable_layers, conv_spec
-from sine_ops.training import (LinearDDPMSchedule, OptimConfig, TrainingDiverged, denoising_loss, noisy_latent,
+from reference_forms import LinearDDPMSchedule
+from sine_ops.training import (TrainingDiverged, denoising_loss, noisy_latent,
                                normal_tensor_view, output_space_scale, train)
 
 
@@ -51,7 +54,7 @@ def test_lora_training_memorises_one_image():
     adapters = {}
     for name, m in adaptable_layers(net, lambda n, m: type(m) is nn.Conv2d):
         adapters[name] = LoRA(tuple(m.weight.shape), 4, 4.0, conv=conv_spec(m), generator=g)
-        m.forward = AdaptedForward(m, {0: adapters[name]}, router)
+        m.forward = AdaptedForward(m, name, {0: adapters[name]}, router)
     image_a, image_b = torch.randn(1, 4, 8, 8, generator=g), torch.randn(1, 4, 8, 8, generator=g)
     den = denoiser(net, schedule)
     before_a = held_out_loss(den, schedule, image_a)
@@ -103,10 +106,10 @@ def test_adapter_file_round_trip_and_damage_detection():
     with torch.no_grad():
         lora.up.normal_(generator=g)
     ad = SineAdapter(unet={"diffusion_model.a.b": lora}, text_encoder={}, family="sd1", source_prompt="photo of a sks dog")
-    sd, meta = ad.state_dict(), ad.metadata()
-    back = SineAdapter.from_state_dict(sd, meta)
+    sd = state_dict(ad)
+    meta = metadata(ad, sd)
+    back = from_state_dict(sd, meta)
     assert torch.equal(back.unet["diffusion_model.a.b"].delta_weight(), lora.delta_weight())
     sd["diffusion_model.a.b.lora_up.weight"][0, 0] += 1
-    from sine_ops.adapter_set import AdapterFileError
     with pytest.raises(AdapterFileError, match="damaged"):
-        SineAdapter.from_state_dict(sd, meta)
+        from_state_dict(sd, meta)

@@ -1,4 +1,7 @@
 """SINE Guider / Guided Sampler inside real ComfyUI, on the random-weight fixtures at 64-128 px."""
+import itertools
+from contextlib import contextmanager
+
 import pytest
 import torch
 
@@ -65,6 +68,30 @@ def guider_graph(fixtures, nodes, *, scheduler, steps, weight=0.3, extra=None, s
     return g
 
 
+@contextmanager
+def unet_calls(comfy):
+    """Records (sigma, batch rows) of every UNet forward call the SINE guider makes (test instrumentation on the
+    pack's RoutingWrapper, the model_function_wrapper each forward call goes through)."""
+    wrapper_cls = comfy.pack_module("nodes.model_patching").RoutingWrapper
+    original, calls = wrapper_cls.__call__, []
+
+    def recording(self, apply_model, args):
+        calls.append((float(args["timestep"][0]), args["input"].shape[0]))
+        return original(self, apply_model, args)
+
+    wrapper_cls.__call__ = recording
+    try:
+        yield calls
+    finally:
+        wrapper_cls.__call__ = original
+
+
+def per_step(calls):
+    """[(rows per step, forward calls per step)] grouping consecutive calls at the same sigma (one sampler step)."""
+    steps = [list(group) for _, group in itertools.groupby(calls, key=lambda c: c[0])]
+    return [sum(rows for _, rows in g) for g in steps], [len(g) for g in steps]
+
+
 def sd_sigma_at(t: int) -> float:
     """σ(t) of SD's linear-in-sqrt beta schedule, computed here from the betas (independent of ComfyUI)."""
     betas = torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000, dtype=torch.float64) ** 2
@@ -75,13 +102,15 @@ def sd_sigma_at(t: int) -> float:
 @pytest.mark.parametrize("scheduler", ["normal", "karras"])
 @pytest.mark.parametrize("steps", [5, 8])
 def test_window_boundary_and_unet_evaluations_per_step(comfy, fixtures, scheduler, steps):
-    comfy.run(guider_graph(fixtures, adapter_nodes(fixtures), scheduler=scheduler, steps=steps))
-    guider, sigmas = comfy.node_output("guider", 0), comfy.node_output("sigmas", 0)
+    with unet_calls(comfy) as calls:
+        comfy.run(guider_graph(fixtures, adapter_nodes(fixtures), scheduler=scheduler, steps=steps))
+    sigmas = comfy.node_output("sigmas", 0)
+    rows, forwards = per_step(calls)
     k400 = sd_sigma_at(400)  # paper K = 400: guided while t > 400, i.e. sigma > sigma(400)
     expected_rows = [3 if float(s) > k400 else 2 for s in sigmas[:-1]]
     assert 3 in expected_rows and 2 in expected_rows, "schedule does not straddle the window; pick other steps"
-    assert guider.unet_rows_per_step == expected_rows
-    assert guider.unet_calls_per_step == [1] * len(expected_rows)  # base and fine-tuned rows in ONE forward
+    assert rows == expected_rows
+    assert forwards == [1] * len(expected_rows)  # base and fine-tuned rows in ONE forward
 
 
 def test_guider_equals_stock_cfg_guider_at_weight_zero_and_two_models_compose(comfy, fixtures):
@@ -94,9 +123,10 @@ def test_guider_equals_stock_cfg_guider_at_weight_zero_and_two_models_compose(co
     nodes["extra"] = {"class_type": "SINE_AddFinetunedModel", "inputs": {
         "sine_adapter": ["style", 3], "source_conditioning": ["style", 2], "finetuned_weight": 0.4,
         "start_percent": 0.0, "end_percent": 0.6}}
-    both = run_latent(comfy, guider_graph(fixtures, nodes, scheduler="normal", steps=4, extra="extra"), "run")
-    guider = comfy.node_output("guider", 0)
-    assert max(guider.unet_rows_per_step) == 4 and set(guider.unet_calls_per_step) == {1}
+    with unet_calls(comfy) as calls:
+        both = run_latent(comfy, guider_graph(fixtures, nodes, scheduler="normal", steps=4, extra="extra"), "run")
+    rows, forwards = per_step(calls)
+    assert max(rows) == 4 and set(forwards) == {1}
     assert (both - single).abs().max() > 1e-3 and torch.isfinite(both).all()
 
 

@@ -33,7 +33,7 @@ def test_patch_adapter_samples_at_other_aspect_ratios(comfy, fixtures, patch_nod
 
 
 def test_grid_goes_on_finetuned_rows_only_and_off_equals_non_patch(comfy, fixtures, patch_nodes):
-    glue = comfy.pack_module("nodes.glue")
+    patching = comfy.pack_module("nodes.model_patching")
     adapter = comfy.node_output("finetune", 3)
     model = comfy.node_output("ckpt", 0)
     off, plain = replace(adapter, grid_enabled=False), replace(adapter, patch=None)
@@ -43,7 +43,7 @@ def test_grid_goes_on_finetuned_rows_only_and_off_equals_non_patch(comfy, fixtur
     cond = torch.randn(2, 77, 768, generator=torch.Generator().manual_seed(1))
 
     def predict(a, owner):
-        m, _ = glue.patched_model(model, {0: a}, router, "test")
+        m = patching.patched_model(model, {0: a}, router)
         import comfy.model_management
         with torch.inference_mode(), router.route(owner):
             comfy.model_management.load_models_gpu([m])

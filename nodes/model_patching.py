@@ -1,10 +1,12 @@
-"""Attaching sine_ops adapters and the positional grid to ComfyUI's ModelPatcher / CLIP objects.
+"""Patching ComfyUI's ModelPatcher / CLIP objects with sine_ops adapters and the positional grid.
 
 Everything goes through ModelPatcher object patches on clones, so the user's MODEL and CLIP are never modified:
 - an adapted layer gets `<layer>.forward` replaced by sine_ops' AdaptedForward (the module tree, weight keys and
   ComfyUI's own weight patches such as a stock LoRA stay as they are);
 - the positional grid is an `input_block_patch`, which ComfyUI's UNet calls after input block 0 (conv_in),
-  before the skip connection is stored: SINE's injection point (SINE_METHOD.md §3).
+  before the skip connection is stored: SINE's injection point (docs/method.md §3);
+- rows are routed per forward call by a `model_function_wrapper` (RoutingWrapper), which also tells the adapted
+  layers which model instance is running.
 """
 from __future__ import annotations
 
@@ -13,28 +15,22 @@ import torch
 import comfy.model_management
 import comfy.utils
 
-from ..sine_ops.adapter_set import SineAdapter
 from ..sine_ops.adapters import AdaptedForward, FullDelta, LoRA, RowRouter, adaptable_layers, conv_spec
+from ..sine_ops.config import LAYER_SETS, TEXT_ENCODER_LORA_LAYERS
 from ..sine_ops.positional_grid import add_grid_to_rows, grid_for_boxes, positional_grid
+from ..sine_ops.sine_adapter import SineAdapter
 from ..sine_ops.training import normal_tensor_view
+from .errors import InputError
 
+# ComfyUI model_config class name -> the family an adapter is bound to (and its sizes in sine_ops.config)
 _FAMILIES = {"SD15": "sd1", "SD20": "sd2", "SD21UnclipL": "sd2", "SD21UnclipH": "sd2", "SDXL": "sdxl",
              "SDXLRefiner": "sdxl_refiner", "SSD1B": "sdxl", "Segmind_Vega": "sdxl", "KOALA_700M": "sdxl",
              "KOALA_1B": "sdxl"}
 
-UNET_LAYER_SETS = {
-    "attention": ("attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0",
-                  "attn2.to_q", "attn2.to_k", "attn2.to_v", "attn2.to_out.0"),
-    "attention+ff": ("attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0", "attn2.to_q", "attn2.to_k",
-                     "attn2.to_v", "attn2.to_out.0", "ff.net.0.proj", "ff.net.2", "proj_in", "proj_out"),
-    "all": None,  # every Linear and Conv2d
-}
-TE_LORA_LAYERS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj",
-                  "mlp.fc1", "mlp.fc2")
-
-
-class SineNodeError(ValueError):
-    """A user-facing error: the message names the node and the input to fix."""
+# transformer_options keys this pack sets per call
+CROP_BOXES_KEY = "sine_crop_boxes"   # (B, 4) grid boxes of the training crops in this forward
+COND_OWNER_KEY = "sine_cond_owner"   # cond index -> adapter id (-1 = base model) for this sampling step
+FINETUNED_FLAG = "sine_finetuned"    # on SINE Finetune's MODEL output: the guider refuses it as a base
 
 
 def model_family(model) -> str:
@@ -49,7 +45,7 @@ def has_unet_input_conv(model) -> bool:
 
 def unet_layers(model, layer_set: str) -> list[tuple[str, torch.nn.Module]]:
     """[(path from the ModelPatcher's model, module)] of the UNet layers to adapt."""
-    suffixes = UNET_LAYER_SETS[layer_set]
+    suffixes = LAYER_SETS[layer_set]
     found = adaptable_layers(model.model.diffusion_model,
                              None if suffixes is None else lambda name, m: name.endswith(suffixes))
     return [(f"diffusion_model.{name}", m) for name, m in found]
@@ -58,7 +54,7 @@ def unet_layers(model, layer_set: str) -> list[tuple[str, torch.nn.Module]]:
 def text_encoder_layers(clip, mode: str) -> list[tuple[str, torch.nn.Module]]:
     """[(path in clip.cond_stage_model, module)] of the text-encoder layers to adapt ("lora" or "full")."""
     return adaptable_layers(clip.cond_stage_model,
-                            (lambda name, m: name.endswith(TE_LORA_LAYERS)) if mode == "lora" else None)
+                            (lambda name, m: name.endswith(TEXT_ENCODER_LORA_LAYERS)) if mode == "lora" else None)
 
 
 def max_lora_rank(module: torch.nn.Module) -> int:
@@ -69,22 +65,24 @@ def max_lora_rank(module: torch.nn.Module) -> int:
 
 def new_adapter(module: torch.nn.Module, method: str, rank: int, alpha: float, generator: torch.Generator):
     if method == "lora":
-        return LoRA(tuple(module.weight.shape), rank, alpha, conv=conv_spec(module), generator=generator)
+        return LoRA(tuple(module.weight.shape), min(rank, max_lora_rank(module)), alpha, conv=conv_spec(module),
+                    generator=generator)
     return FullDelta(tuple(module.weight.shape), None if module.bias is None else tuple(module.bias.shape),
                      conv=conv_spec(module))
 
 
-def _bind(root: torch.nn.Module, path: str, adapter: torch.nn.Module, node: str, input_name: str):
+def _bind(root: torch.nn.Module, path: str, adapter: torch.nn.Module, input_name: str):
     """The layer at `path`, after checking the adapter fits it (a file may come from another model)."""
     try:
         module = comfy.utils.get_attr(root, path)
     except AttributeError:
-        raise SineNodeError(f"{node}: the adapter has a layer '{path}' that this model lacks; it was trained on a "
-                            f"different model family. Connect a {input_name} of the family it was trained on.")
+        raise InputError(input_name, f"the adapter has a layer '{path}' that this model lacks; it was trained on "
+                                     f"a different model family. Connect a {input_name} of the family it was "
+                                     "trained on.") from None
     if tuple(module.weight.shape) != adapter.weight_shape:
-        raise SineNodeError(f"{node}: layer '{path}' is {tuple(module.weight.shape)} in this model but "
-                            f"{adapter.weight_shape} in the adapter; connect a {input_name} of the family the "
-                            "adapter was trained on.")
+        raise InputError(input_name, f"layer '{path}' is {tuple(module.weight.shape)} in this model but "
+                                     f"{adapter.weight_shape} in the adapter; connect a {input_name} of the family "
+                                     "the adapter was trained on.")
     if adapter.conv is not None:
         spec = conv_spec(module)
         spec.pop("groups")
@@ -92,7 +90,7 @@ def _bind(root: torch.nn.Module, path: str, adapter: torch.nn.Module, node: str,
     return module
 
 
-def attach_adapters(patcher, groups: dict[int, dict[str, torch.nn.Module]], router: RowRouter, node: str,
+def attach_adapters(patcher, groups: dict[int, dict[str, torch.nn.Module]], router: RowRouter,
                     input_name: str) -> None:
     """Patch every adapted layer's forward on `patcher` (a clone): one AdaptedForward per layer, all ids on it."""
     by_path: dict[str, dict[int, torch.nn.Module]] = {}
@@ -102,8 +100,33 @@ def attach_adapters(patcher, groups: dict[int, dict[str, torch.nn.Module]], rout
     for path, adapters in by_path.items():
         module = None
         for adapter in adapters.values():
-            module = _bind(patcher.model, path, adapter, node, input_name)
-        patcher.add_object_patch(f"{path}.forward", AdaptedForward(module, adapters, router))
+            module = _bind(patcher.model, path, adapter, input_name)
+        patcher.add_object_patch(f"{path}.forward", AdaptedForward(module, path, adapters, router))
+
+
+class RoutingWrapper:
+    """model_function_wrapper: routes the rows of each forward call to their adapters, on the model that runs.
+
+    The guider puts `COND_OWNER_KEY` (cond index -> adapter id) in the call's transformer_options; ComfyUI passes
+    `cond_or_uncond` (the cond index of every chunk of the batch). Without an owner list every row is the
+    fine-tuned model's. Routing is per call (sine_ops RowRouter), so concurrent forwards do not interfere.
+    """
+
+    def __init__(self, router: RowRouter, previous=None):
+        self.router, self.previous = router, previous  # an earlier wrapper on the input MODEL is chained
+
+    def __call__(self, apply_model, args):
+        owners = args["c"].get("transformer_options", {}).get(COND_OWNER_KEY)
+        row_owner = None
+        if owners is not None:
+            chunks = args["cond_or_uncond"]
+            per_chunk = args["input"].shape[0] // len(chunks)
+            row_owner = torch.tensor([owners[c] for c in chunks]).repeat_interleave(per_chunk)
+        # apply_model is the running BaseModel's bound method: its owner is the model whose layers must be used
+        with self.router.route(row_owner, root=getattr(apply_model, "__self__", None)):
+            if self.previous is not None:
+                return self.previous(apply_model, args)
+            return apply_model(args["input"], args["timestep"], **args["c"])
 
 
 def attach_trainable_views(patcher, prefix: str = "") -> None:
@@ -135,17 +158,34 @@ def attach_inplace_guards(patcher) -> None:
             patcher.add_object_patch(f"{name}.forward", _clone_input_forward(m))
 
 
+def _checkpointed(module):
+    """forward of a UNet block recomputed in the backward pass (gradient checkpointing) instead of stored."""
+    cls_forward = type(module).forward
+
+    def forward(*args, **kwargs):
+        return torch.utils.checkpoint.checkpoint(cls_forward, module, *args, use_reentrant=False, **kwargs)
+    return forward
+
+
+def attach_gradient_checkpointing(patcher) -> None:
+    """Every input and output block of the UNet recomputes its activations in the backward pass."""
+    unet = patcher.model.diffusion_model
+    for prefix, blocks in (("input_blocks", unet.input_blocks), ("output_blocks", unet.output_blocks)):
+        for i, block in enumerate(blocks):
+            patcher.add_object_patch(f"diffusion_model.{prefix}.{i}.forward", _checkpointed(block))
+
+
 class GridInjector:
     """input_block_patch adding SINE's positional grid at ("input", 0) to the rows of patch-trained adapters.
 
-    `boxes` (B, 4) selects per-row grid windows during training; None = the full grid resized to the latent
-    (sampling at any size: the whole canvas is the whole source image).
+    The call's transformer_options may carry CROP_BOXES_KEY (B, 4): per-row grid windows of training crops;
+    without it the full grid is resized to the latent (sampling at any size: the whole canvas is the whole
+    source image).
     """
 
     def __init__(self, router: RowRouter, adapters: dict[int, SineAdapter]):
         self.router = router
         self.adapters = {i: a for i, a in adapters.items() if a.patch is not None and a.grid_enabled}
-        self.boxes: torch.Tensor | None = None
         self._grids: dict = {}
 
     def _grid(self, adapter: SineAdapter, channels: int, device) -> torch.Tensor:
@@ -157,42 +197,52 @@ class GridInjector:
     def __call__(self, h: torch.Tensor, transformer_options: dict) -> torch.Tensor:
         if transformer_options.get("block") != ("input", 0):
             return h
+        boxes = transformer_options.get(CROP_BOXES_KEY)
         for adapter_id, adapter in self.adapters.items():
             rows = self.router.rows(adapter_id, h.shape[0], h.device)
             if rows is None:
                 continue
-            grid = grid_for_boxes(self._grid(adapter, h.shape[1], h.device), self.boxes, tuple(h.shape[-2:]),
+            grid = grid_for_boxes(self._grid(adapter, h.shape[1], h.device), boxes, tuple(h.shape[-2:]),
                                   adapter.patch.interpolation)
             h = add_grid_to_rows(h, grid * adapter.grid_scale, rows)
         return h
 
 
-def patched_model(model, adapters: dict[int, SineAdapter], router: RowRouter, node: str):
-    """A clone of `model` carrying the UNet side of `adapters` (and their grids), routed by `router`."""
+def patched_model(model, adapters: dict[int, SineAdapter], router: RowRouter):
+    """A clone of `model` carrying the UNet side of `adapters` (and their grids), routed by `router` per call."""
     m = model.clone()
-    attach_adapters(m, {i: a.unet for i, a in adapters.items()}, router, node, "MODEL")
-    injector = GridInjector(router, adapters)
+    attach_adapters(m, {i: a.unet for i, a in adapters.items()}, router, "model")
     if any(a.patch is not None for a in adapters.values()):
-        m.set_model_input_block_patch(injector)
-    return m, injector
+        m.set_model_input_block_patch(GridInjector(router, adapters))
+    m.set_model_unet_function_wrapper(RoutingWrapper(router, model.model_options.get("model_function_wrapper")))
+    return m
 
 
-def patched_clip(clip, adapter: SineAdapter, node: str):
+def patched_clip(clip, adapter: SineAdapter):
     """A clone of `clip` with the text-encoder adapter always on; the input CLIP itself when there is none."""
     if not adapter.text_encoder:
         return clip
     c = clip.clone()
-    attach_adapters(c.patcher, {0: adapter.text_encoder}, RowRouter(), node, "CLIP")
+    attach_adapters(c.patcher, {0: adapter.text_encoder}, RowRouter(), "clip")
     return c
 
 
-def check_family(adapter: SineAdapter, model, node: str, input_name: str = "model") -> None:
+def check_family(adapter: SineAdapter, model, input_name: str = "model") -> None:
     family = model_family(model)
     if adapter.family != family:
-        raise SineNodeError(f"{node}: the SINE adapter was trained on a {adapter.family} model but '{input_name}' is "
-                            f"{family}; connect the checkpoint it was fine-tuned from.")
+        raise InputError(input_name, f"the SINE adapter was trained on a {adapter.family} model but this is "
+                                     f"{family}; connect the checkpoint it was fine-tuned from.")
     if adapter.patch is not None and not has_unet_input_conv(model):
-        raise SineNodeError(f"{node}: patch-based adapters need a UNet with an input conv (SD1.x/SD2.x/SDXL).")
+        raise InputError(input_name, "patch-based adapters need a UNet with an input conv (SD1.x/SD2.x/SDXL).")
+
+
+def model_kwargs(model, cond_entry, x: torch.Tensor, device) -> dict:
+    """The keyword inputs ComfyUI's apply_model takes for one CONDITIONING entry (c_crossattn, SDXL's y, ...)."""
+    cond, extra = cond_entry
+    conds = model.model.extra_conds(cross_attn=cond, pooled_output=extra.get("pooled_output"), noise=x,
+                                    device=device, width=x.shape[-1] * 8, height=x.shape[-2] * 8)
+    return {k: v.process_cond(batch_size=x.shape[0], device=device, area=None).cond.to(device)
+            for k, v in conds.items()}
 
 
 def device_of(model) -> torch.device:

@@ -1,0 +1,40 @@
+"""A fine-tuned SINE model: adapters on its base model's layers, plus what sampling needs to use them.
+
+Its file format is in adapter_file.py.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from .config import PatchConfig
+
+
+@dataclass
+class SineAdapter:
+    """Everything the guided sampler needs from SINE Finetune (or from a saved file)."""
+    unet: dict[str, torch.nn.Module]          # "diffusion_model.<path>" -> LoRA | FullDelta
+    text_encoder: dict[str, torch.nn.Module]  # "<path in CLIP's cond_stage_model>" -> LoRA | FullDelta
+    family: str                               # model family it was trained on: "sd1", "sd2", "sdxl", ...
+    source_prompt: str                        # the training caption (SINE feeds it to the fine-tuned model)
+    patch: PatchConfig | None = None          # set for patch-based adapters: the grid goes on their rows
+    grid_gate: torch.Tensor | None = None     # () learnable grid scale (PatchConfig.grid_gate), else None
+    grid_enabled: bool = True                 # sampling-time switch: False = a patch adapter without its grid
+    settings: dict = field(default_factory=dict)  # how it was trained, for metadata / the cache key
+
+    def parameters(self):
+        for group in (self.unet, self.text_encoder):
+            for adapter in group.values():
+                yield from adapter.parameters()
+        if self.grid_gate is not None:
+            yield self.grid_gate
+
+    def requires_grad_(self, flag: bool) -> "SineAdapter":
+        for p in self.parameters():
+            p.requires_grad_(flag)
+        return self
+
+    @property
+    def grid_scale(self) -> torch.Tensor | float:
+        return 1.0 if self.grid_gate is None else self.grid_gate
