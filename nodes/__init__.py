@@ -6,10 +6,11 @@ from comfy_api.latest import ComfyExtension, io
 from .adapter_nodes import LoadSineAdapter, SaveSineAdapter, SineApplyAdapter
 from .finetune import SineFinetune
 from .guidance import SineAddFinetuned, SineGuidedSampler, SineGuiderNode
+from .lora_import import SineLoraAsAdapter
 from .patch import PatchResolutionConfig
 
 NODES = [SineFinetune, SineGuiderNode, SineGuidedSampler, SineAddFinetuned, PatchResolutionConfig,
-         SaveSineAdapter, LoadSineAdapter, SineApplyAdapter]
+         SaveSineAdapter, LoadSineAdapter, SineApplyAdapter, SineLoraAsAdapter]
 
 
 class SineExtension(ComfyExtension):

@@ -7,10 +7,13 @@ import torch
 
 from comfy_api.latest import io
 
+from ..sine_ops.adapter_file import AdapterFileError, check_finite
 from ..sine_ops.config import (LAYER_SETS, METHODS, PRECISIONS, PRESETS, RESIZE_MODES, TEXT_ENCODER_MODES,
-                               FinetuneSettings, resolve_settings, sizes_text)
+                               FinetuneSettings, family_sizes, resolve_settings, sizes_text)
 from .previews import loss_curve_image
-from . import disk_cache
+from . import memory_guard
+from . import training_cache
+from . import model_patching as mp
 from .adapter_nodes import adapter_outputs
 from .errors import InputError, node_errors
 from .training_run import run_finetune
@@ -42,7 +45,43 @@ def validate(settings: FinetuneSettings, image: torch.Tensor, source_prompt: str
                                           "full: 1e-6")
     if settings.resolution and settings.resolution % 64:
         raise InputError("resolution", f"{settings.resolution} is not a multiple of 64")
+    if settings.clip_grad_norm < 0:
+        raise InputError("clip_grad_norm", "must be 0 (off) or positive")
 
+
+def validated_mask(mask: torch.Tensor | None) -> torch.Tensor | None:
+    """(1, H, W) fp32 in [0, 1], or None."""
+    if mask is None:
+        return None
+    m = mask.reshape(-1, *mask.shape[-2:]) if mask.ndim >= 2 else mask
+    if m.ndim != 3 or m.shape[0] != 1:
+        raise InputError("mask", f"expected one mask (H, W), got shape {tuple(mask.shape)}; pick one with a "
+                                 "mask batch node")
+    if not torch.isfinite(m).all():
+        raise InputError("mask", "the mask contains NaN/Inf values; check the node that produced it")
+    m = m.float().clamp(0, 1)
+    if not m.any():
+        raise InputError("mask", "the mask is empty (all 0): nothing would be trained. White (1) marks what to "
+                                 "learn; invert it (InvertMask) if it marks the background")
+    return m
+
+
+def check_memory(model, settings: FinetuneSettings, patch) -> None:
+    """Refuse a training size that cannot fit in the device's memory at all (nodes/memory_guard.py)."""
+    family = mp.model_family(model)
+    try:
+        side, input_name = (patch.resolved(family).train_resolution, "patch_config") if patch is not None else \
+            (settings.resolution or family_sizes(family).native, "resolution")
+    except ValueError:
+        return  # an invalid patch config: the training run reports it, naming the setting
+    memory_guard.check_training(model, (side, side), input_name)
+
+
+def refuse_non_finite(adapter) -> None:
+    try:
+        check_finite(adapter)
+    except AdapterFileError as e:
+        raise InputError("learning_rate", f"{e}; lower the learning rate") from None
 
 
 class SineFinetune(io.ComfyNode):
@@ -112,6 +151,34 @@ class SineFinetune(io.ComfyNode):
                 PatchConfigType.Input("patch_config", optional=True,
                                       tooltip="From SINE Patch Resolution Config: patch-based fine-tuning, so the "
                                               "edit can be rendered at other sizes and aspect ratios."),
+                io.Boolean.Input("disk_cache", default=True, optional=True,
+                                 tooltip="Keep trained adapters in models/sine_cache so unchanged inputs reuse "
+                                         "them after a restart (size limit: README, Troubleshooting). Off: "
+                                         "neither read nor written."),
+                AdapterType.Input("continue_from", optional=True,
+                                  tooltip="A SINE adapter to continue training (from SINE Finetune or Load SINE "
+                                          "Adapter), with its optimizer state: steps counts in total, so an "
+                                          "adapter of 200 steps with steps=400 trains 200 more, and gives what "
+                                          "400 steps at once give with the same settings and seed. Set the "
+                                          "layout inputs (method, lora_rank, layers, text_encoder, patch) as it "
+                                          "was trained. Not needed to resume your own runs: with unchanged "
+                                          "inputs SINE Finetune finds a cached or cancelled run by itself."),
+                io.Mask.Input("mask", optional=True,
+                              tooltip="Optional loss weight: white (1) = learn this area, black (0) = ignore it "
+                                      "(train on the subject, not the background). Resized to the latent like "
+                                      "ComfyUI resizes masks (bilinear), cut with the crops in patch mode. An "
+                                      "all-white mask trains exactly as no mask. A Load Image mask is 1 where the "
+                                      "image is transparent: invert it if the subject is opaque."),
+                io.Int.Input("save_every", default=0, min=0, max=20000, optional=True,
+                             tooltip="Save the training state every N steps into the disk cache (0 = off), so a "
+                                     "crash loses at most N steps; a run with the same inputs continues from the "
+                                     "latest save. A cancelled or failed run always keeps its last completed step "
+                                     "there (the console names the file)."),
+                io.Float.Input("clip_grad_norm", default=d.clip_grad_norm, min=0.0, max=100.0, step=0.1,
+                               optional=True,
+                               tooltip="Clip the gradient norm to this value each step; 0 = off (the official "
+                                       "code has no clipping; the paper preset turns it off). 1.0 keeps a bad "
+                                       "first step of a high learning-rate LoRA from wrecking the model."),
             ],
             outputs=[
                 io.Model.Output(display_name="model", tooltip="The fine-tuned model (a clone; usable in KSampler)."),
@@ -122,27 +189,64 @@ class SineFinetune(io.ComfyNode):
                                                "source_conditioning."),
                 AdapterType.Output(display_name="sine_adapter"),
                 io.Image.Output(display_name="loss_curve"),
+                io.LossMap.Output(display_name="loss",
+                                  tooltip="The loss of every training step as ComfyUI's own training nodes give "
+                                          "it ({'loss': [...]}): connect to the core Loss Graph node."),
             ],
         )
 
     @classmethod
     def execute(cls, model, clip, vae, image, source_prompt, preset, steps, learning_rate, seed, method, lora_rank,
                 lora_alpha, layers, text_encoder, precision, gradient_checkpointing, resize, resolution,
-                patch_config=None) -> io.NodeOutput:
+                patch_config=None, disk_cache=True, continue_from=None, mask=None, save_every=0,
+                clip_grad_norm=FinetuneSettings.clip_grad_norm) -> io.NodeOutput:
         with node_errors(NODE):
-            settings = resolve_settings(preset, steps=steps, learning_rate=learning_rate, seed=seed, method=method,
-                                        lora_rank=lora_rank, lora_alpha=lora_alpha, layers=layers,
-                                        text_encoder=text_encoder, precision=precision,
-                                        gradient_checkpointing=gradient_checkpointing, resize=resize,
-                                        resolution=resolution)
+            settings = resolve_settings(preset, patch_mode=patch_config is not None, steps=steps,
+                                        learning_rate=learning_rate, seed=seed, method=method, lora_rank=lora_rank,
+                                        lora_alpha=lora_alpha, layers=layers, text_encoder=text_encoder,
+                                        precision=precision, gradient_checkpointing=gradient_checkpointing,
+                                        resize=resize, resolution=resolution, clip_grad_norm=clip_grad_norm)
             validate(settings, image, source_prompt)
-            key = disk_cache.cache_key(model, clip, image, source_prompt, settings, patch_config)
-            cached = disk_cache.load_cached(key)
-            if cached is not None:
-                adapter, losses = cached
-                log.info(f"{NODE}: reusing cached fine-tune {key}")
-            else:
-                adapter, losses = run_finetune(model, clip, vae, image, source_prompt, settings, patch_config)
-                disk_cache.store(key, adapter, losses)
+            mask = validated_mask(mask)
+            adapter = train_or_reuse(model, clip, vae, image, source_prompt, settings, patch_config, mask,
+                                     continue_from, save_every, use_disk=disk_cache)
             ft_model, ft_clip, cond = adapter_outputs(model, clip, adapter)
-        return io.NodeOutput(ft_model, ft_clip, cond, adapter, loss_curve_image(losses))
+        return io.NodeOutput(ft_model, ft_clip, cond, adapter, loss_curve_image(adapter.losses),
+                             {"loss": list(adapter.losses)})
+
+
+def train_or_reuse(model, clip, vae, image, source_prompt, settings: FinetuneSettings, patch_config, mask,
+                   continue_from, save_every: int, use_disk: bool):
+    """The adapter of `settings.steps` steps: reused when known, else trained on from the most trained known state
+    of the same run (training_cache), else from zero. Periodic saves and a stopped run's last state are written to
+    the disk cache whatever `use_disk` says (it governs the finished results and the look-up)."""
+    lineage = training_cache.lineage_key(model, clip, vae, image, source_prompt, settings, patch_config, mask)
+    if continue_from is not None:
+        if training_cache.steps_of(continue_from) > settings.steps:
+            raise InputError("steps", f"{settings.steps} is fewer than the {training_cache.steps_of(continue_from)} "
+                                      "steps continue_from already has; steps counts in total")
+        if continue_from.settings.get(training_cache.LINEAGE_FIELD) != lineage:
+            lineage = training_cache.foreign_lineage(lineage, continue_from)
+    start = training_cache.best_start(lineage, settings.steps, continue_from, use_disk)
+    if start is not None and training_cache.steps_of(start) == settings.steps:
+        log.info(f"{NODE}: reusing the trained {settings.steps}-step state ({lineage})")
+        return start
+    if start is not None:
+        log.info(f"{NODE}: continuing from {training_cache.steps_of(start)} trained steps to {settings.steps}")
+    check_memory(model, settings, patch_config)
+
+    def kept(what: str):
+        def keep(adapter):
+            path = training_cache.keep(lineage, adapter, use_disk=True, remember=not use_disk)
+            done = training_cache.steps_of(adapter)
+            log.info(f"{NODE}: {what} at step {done}/{settings.steps}; the state is saved in {path}: run again "
+                     "with the same inputs to continue from it" if path else
+                     f"{NODE}: {what} at step {done}/{settings.steps}; the state could not be saved")
+        return keep
+
+    adapter, _ = run_finetune(model, clip, vae, image, source_prompt, settings, patch_config, mask=mask, start=start,
+                              save_every=save_every, on_checkpoint=kept("periodic save"),
+                              on_stopped=kept("training stopped"))
+    refuse_non_finite(adapter)
+    training_cache.keep(lineage, adapter, use_disk, remember=not use_disk)
+    return adapter

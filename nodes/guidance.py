@@ -21,10 +21,11 @@ import latent_preview
 from comfy_api.latest import io
 
 from ..sine_ops.adapters import RowRouter
-from ..sine_ops.guidance import mix_conditional, window_active
+from ..sine_ops.guidance import Weight, check_weight_sum, feather_mask, mix_conditional_maps, weight_map, \
+    window_active
 from ..sine_ops.sine_adapter import SineAdapter
 from . import model_patching as mp
-from .errors import InputError, node_errors
+from .errors import InputError, SineNodeError, node_errors
 from .types import AdapterType, GuidanceStackType
 
 PAPER_FINETUNED_WEIGHT = 0.3  # paper v = 0.7 on the base model, so 0.3 on the fine-tuned one
@@ -33,21 +34,45 @@ PAPER_END_PERCENT = 0.6       # paper K = 400 of 1000: guidance while t > 400, i
 
 @dataclass(frozen=True)
 class GuidanceEntry:
-    """One fine-tuned model in the mix: its adapter, its source conditioning, its weight and noise window."""
+    """One fine-tuned model in the mix: its adapter, its source conditioning, its weight and noise window, and
+    optionally a MASK making the weight a map: `weight` inside the mask, `outside_weight` outside."""
     adapter: SineAdapter
     source_conditioning: list
     weight: float
     start_percent: float
     end_percent: float
+    mask: torch.Tensor | None = None
+    outside_weight: float = 0.0
+    mask_feather: int = 0
 
 
-def _entry(adapter, source_conditioning, weight, start_percent, end_percent) -> GuidanceEntry:
+def _entry(adapter, source_conditioning, weight, start_percent, end_percent, mask=None, outside_weight=0.0,
+           mask_feather=0) -> GuidanceEntry:
     if start_percent > end_percent:
         raise InputError("start_percent", f"{start_percent} is after 'end_percent' ({end_percent}); the window "
                                           "would be empty. Paper: start 0.0, end 0.6.")
     if not 0.0 <= weight <= 1.0:
         raise InputError("finetuned_weight", f"must be in [0, 1], got {weight}")
-    return GuidanceEntry(adapter, source_conditioning, weight, start_percent, end_percent)
+    if not 0.0 <= outside_weight <= 1.0:
+        raise InputError("outside_weight", f"must be in [0, 1], got {outside_weight}")
+    if mask_feather < 0:
+        raise InputError("mask_feather", f"must be >= 0 latent pixels, got {mask_feather}")
+    if mask is not None and (not isinstance(mask, torch.Tensor) or mask.ndim not in (2, 3) or mask.numel() == 0):
+        raise InputError("mask", f"expected a MASK (H x W or B x H x W), got "
+                                 f"{tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__}")
+    return GuidanceEntry(adapter, source_conditioning, weight, start_percent, end_percent,
+                         None if mask is None else mask.detach().float().clamp(0, 1), outside_weight, mask_feather)
+
+
+def entry_weight(entry: GuidanceEntry, x: torch.Tensor) -> Weight:
+    """The entry's weight for latent `x`: its scalar weight, or with a mask a (B, 1, ...) map over the latent.
+
+    The mask is resized to the latent as ComfyUI resizes a latent noise mask (comfy.utils.reshape_mask: bilinear
+    to the latent size, batch repeated to the latent's), then feathered by mask_feather latent pixels."""
+    if entry.mask is None:
+        return entry.weight
+    mask = comfy.utils.reshape_mask(entry.mask.to(x.device), (x.shape[0], 1, *x.shape[2:])).clamp(0, 1)
+    return weight_map(feather_mask(mask, entry.mask_feather), entry.weight, entry.outside_weight)
 
 
 _WEIGHT_TOOLTIP = ("Weight of the FINE-TUNED model's prediction (its source prompt) in the conditional mix during the "
@@ -58,6 +83,15 @@ _START_TOOLTIP = ("Where the guidance window starts, in ComfyUI's noise-level pe
 _END_TOOLTIP = ("Where the window ends (noise-level percent). 0.6 = the paper's K = 400 of 1000 timesteps: the "
                 "fine-tuned model steers the first, high-noise 60%; later steps are plain CFG with the base model. "
                 "Higher keeps more source detail; 0.5 = K 500.")
+_MASK_TOOLTIP = ("Optional: WHERE this fine-tuned model steers. Inside the mask (white) its weight is "
+                 "finetuned_weight, outside it is outside_weight, e.g. keep the face 0.8, free the background 0.1. "
+                 "Resized to the latent like a latent noise mask. Unconnected: finetuned_weight everywhere. To "
+                 "freeze a region exactly, use Set Latent Noise Mask instead (both work together).")
+_OUTSIDE_TOOLTIP = ("With a mask: the fine-tuned model's weight OUTSIDE the mask (finetuned_weight applies inside). "
+                    "0 = plain CFG with the edit prompt there. The weights of all models must sum to at most 1 at "
+                    "every pixel. No effect without a mask.")
+_FEATHER_TOOLTIP = ("With a mask: soften its edge over about this many LATENT pixels (1 latent pixel = 8 image "
+                    "pixels for SD), so the kept and the edited region blend. 0 = the resized mask as it is.")
 
 
 def _entry_inputs():
@@ -70,15 +104,36 @@ def _entry_inputs():
                        tooltip=_WEIGHT_TOOLTIP),
         io.Float.Input("start_percent", default=0.0, min=0.0, max=1.0, step=0.01, tooltip=_START_TOOLTIP),
         io.Float.Input("end_percent", default=PAPER_END_PERCENT, min=0.0, max=1.0, step=0.01, tooltip=_END_TOOLTIP),
+        io.Mask.Input("mask", optional=True, tooltip=_MASK_TOOLTIP),
+        # optional with defaults: API prompts written before these inputs existed still validate
+        io.Float.Input("outside_weight", default=0.0, min=0.0, max=1.0, step=0.01, optional=True,
+                       tooltip=_OUTSIDE_TOOLTIP),
+        io.Int.Input("mask_feather", default=0, min=0, max=64, optional=True, tooltip=_FEATHER_TOOLTIP),
     ]
 
 
 class SineGuider(comfy.samplers.CFGGuider):
     """CFG with SINE's conditional mix; `entries[i]` owns the batch rows of cond index 2 + i."""
 
-    def __init__(self, model_patcher, entries: list[GuidanceEntry]):
+    def __init__(self, model_patcher, entries: list[GuidanceEntry], node_name: str = "SINE Guider"):
         super().__init__(model_patcher)
         self.entries = entries
+        self.node_name = node_name  # errors found while sampling (per-pixel weight sums) name the node
+        self._weights: dict = {}    # (latent shape, device) -> each entry's weight or weight map
+
+    def entry_weights(self, x: torch.Tensor) -> list[Weight]:
+        """Every entry's weight (map) for latent x, made and checked (sum <= 1 per pixel) once per latent shape."""
+        key = (tuple(x.shape), str(x.device))
+        if key not in self._weights:
+            weights = [entry_weight(e, x) for e in self.entries]
+            try:
+                check_weight_sum(weights)
+            except ValueError as e:
+                raise SineNodeError(f"{self.node_name}: inputs 'finetuned_weight' / 'outside_weight' / 'mask': {e}. "
+                                    "Lower finetuned_weight or outside_weight on the entries, or use masks that do "
+                                    "not overlap where the weights add up.") from None
+            self._weights[key] = weights
+        return self._weights[key]
 
     def set_conds(self, positive, negative):
         conds = {"positive": positive, "negative": negative}
@@ -92,9 +147,11 @@ class SineGuider(comfy.samplers.CFGGuider):
 
     def predict_noise(self, x, timestep, model_options={}, seed=None):
         model = self.inner_model
-        t = float(model.model_sampling.timestep(timestep[:1]).item())
-        active = [i for i, e in enumerate(self.entries)
-                  if e.weight > 0 and window_active(t, e.start_percent, e.end_percent)]
+        sigma = float(timestep[0])
+        weights = self.entry_weights(x)
+        active = [i for i, (e, w) in enumerate(zip(self.entries, weights))
+                  if not (isinstance(w, (int, float)) and w == 0)  # a zero weight everywhere: no forward rows
+                  and window_active(sigma, *window_sigmas(model.model_sampling, e))]
         cfg1 = abs(self.cfg - 1.0) < 1e-9 and not model_options.get("disable_cfg1_optimization", False)
         positive, negative = self.conds.get("positive"), self.conds.get("negative")
         uncond = None if cfg1 else negative
@@ -105,8 +162,8 @@ class SineGuider(comfy.samplers.CFGGuider):
                 {"conds": conds, "input": x, "sigma": timestep, "model": model, "model_options": model_options})
         else:
             out = comfy.samplers.calc_cond_batch(model, conds, x, timestep, model_options)
-        cond_pred = mix_conditional(out[0], [out[2 + k] for k in range(len(active))],
-                                    [self.entries[i].weight for i in active], [True] * len(active))
+        cond_pred = mix_conditional_maps(out[0], [out[2 + k] for k in range(len(active))],
+                                         [weights[i] for i in active])
         out = [cond_pred, out[1]]
         for fn in model_options.get("sampler_pre_cfg_function", []):
             out = fn({"conds": [positive, uncond], "conds_out": out, "cond_scale": self.cfg, "timestep": timestep,
@@ -115,34 +172,49 @@ class SineGuider(comfy.samplers.CFGGuider):
                                            cond=positive, uncond=uncond)
 
 
+def window_sigmas(model_sampling, entry: GuidanceEntry) -> tuple[float, float]:
+    """(start_sigma, end_sigma) of an entry's window under this model's sampling, as ComfyUI's own timestep ranges
+    (ControlNet, hooks) turn percents into sigmas."""
+    return (float(model_sampling.percent_to_sigma(entry.start_percent)),
+            float(model_sampling.percent_to_sigma(entry.end_percent)))
+
+
 def _with_cond_owner(model_options: dict, owner: list[int]) -> dict:
     """model_options for this step only, whose transformer_options say which adapter owns each cond index."""
     return {**model_options, "transformer_options": {**model_options.get("transformer_options", {}),
                                                      mp.COND_OWNER_KEY: owner}}
 
 
-def build_guider(model, positive, negative, cfg: float, entries: list[GuidanceEntry]) -> SineGuider:
+def build_guider(model, positive, negative, cfg: float, entries: list[GuidanceEntry],
+                 node_name: str = "SINE Guider") -> SineGuider:
     if model.model_options.get("transformer_options", {}).get(mp.FINETUNED_FLAG):
         raise InputError("model", "this is a SINE Finetune output; connect the base MODEL from your checkpoint "
                                   "loader (the fine-tuned side comes from sine_adapter).")
     total = sum(e.weight for e in entries)
-    if total > 1.0 + 1e-6:
+    # with masks the sum is checked per latent pixel when sampling starts (SineGuider.entry_weights)
+    if total > 1.0 + 1e-6 and all(e.mask is None for e in entries):
         raise InputError("finetuned_weight", f"the fine-tuned weights sum to {total:.3f} > 1, which would give the "
                                              "base model a negative weight; lower 'finetuned_weight' on the entries.")
     for e in entries:
         mp.check_family(e.adapter, model)
     patched = mp.patched_model(model, {i: e.adapter for i, e in enumerate(entries)}, RowRouter())
-    guider = SineGuider(patched, entries)
+    guider = SineGuider(patched, entries, node_name)
     guider.set_conds(positive, negative)
     guider.set_cfg(cfg)
     return guider
 
 
-def _entries(sine_adapter, source_conditioning, finetuned_weight, start_percent, end_percent,
-             extra_models) -> list[GuidanceEntry]:
+def _entries(extra_models, **entry_inputs) -> list[GuidanceEntry]:
     """The node's own entry first, then those chained in through extra_models."""
-    return [_entry(sine_adapter, source_conditioning, finetuned_weight, start_percent, end_percent)] + \
-        list(extra_models or ())
+    return [_entry(**_entry_kwargs(**entry_inputs))] + list(extra_models or ())
+
+
+def _entry_kwargs(sine_adapter, source_conditioning, finetuned_weight, start_percent, end_percent, mask=None,
+                  outside_weight=0.0, mask_feather=0) -> dict:
+    """_entry's arguments from the node inputs of _entry_inputs (names as the nodes have them)."""
+    return dict(adapter=sine_adapter, source_conditioning=source_conditioning, weight=finetuned_weight,
+                start_percent=start_percent, end_percent=end_percent, mask=mask, outside_weight=outside_weight,
+                mask_feather=mask_feather)
 
 
 def _extra_models_input():
@@ -165,10 +237,9 @@ class SineAddFinetuned(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, sine_adapter, source_conditioning, finetuned_weight, start_percent, end_percent,
-                extra_models=None) -> io.NodeOutput:
+    def execute(cls, extra_models=None, **entry_inputs) -> io.NodeOutput:
         with node_errors("SINE Add Fine-tuned Model"):
-            entry = _entry(sine_adapter, source_conditioning, finetuned_weight, start_percent, end_percent)
+            entry = _entry(**_entry_kwargs(**entry_inputs))
         return io.NodeOutput(tuple(extra_models or ()) + (entry,))
 
 
@@ -195,12 +266,10 @@ class SineGuiderNode(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, model, positive, negative, cfg, sine_adapter, source_conditioning, finetuned_weight,
-                start_percent, end_percent, extra_models=None) -> io.NodeOutput:
+    def execute(cls, model, positive, negative, cfg, extra_models=None, **entry_inputs) -> io.NodeOutput:
         with node_errors("SINE Guider"):
-            entries = _entries(sine_adapter, source_conditioning, finetuned_weight, start_percent, end_percent,
-                               extra_models)
-            return io.NodeOutput(build_guider(model, positive, negative, cfg, entries))
+            entries = _entries(extra_models, **entry_inputs)
+            return io.NodeOutput(build_guider(model, positive, negative, cfg, entries, "SINE Guider"))
 
 
 class SineGuidedSampler(io.ComfyNode):
@@ -236,12 +305,10 @@ class SineGuidedSampler(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, seed, steps, cfg, sampler_name, scheduler, positive, negative, latent_image, denoise,
-                sine_adapter, source_conditioning, finetuned_weight, start_percent, end_percent,
-                extra_models=None) -> io.NodeOutput:
+                extra_models=None, **entry_inputs) -> io.NodeOutput:
         with node_errors("SINE Guided Sampler"):
-            entries = _entries(sine_adapter, source_conditioning, finetuned_weight, start_percent, end_percent,
-                               extra_models)
-            guider = build_guider(model, positive, negative, cfg, entries)
+            entries = _entries(extra_models, **entry_inputs)
+            guider = build_guider(model, positive, negative, cfg, entries, "SINE Guided Sampler")
         latent = comfy.sample.fix_empty_latent_channels(model, latent_image["samples"])
         noise = comfy.sample.prepare_noise(latent, seed, latent_image.get("batch_index"))
         sigmas = comfy.samplers.KSampler(model, steps=steps, device=model.load_device, sampler=sampler_name,

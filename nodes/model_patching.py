@@ -20,6 +20,7 @@ from ..sine_ops.config import LAYER_SETS, TEXT_ENCODER_LORA_LAYERS
 from ..sine_ops.positional_grid import add_grid_to_rows, grid_for_boxes, positional_grid
 from ..sine_ops.sine_adapter import SineAdapter
 from ..sine_ops.training import normal_tensor_view
+from . import comfy_compat as compat
 from .errors import InputError
 
 # ComfyUI model_config class name -> the family an adapter is bound to (and its sizes in sine_ops.config)
@@ -47,14 +48,15 @@ def unet_layers(model, layer_set: str) -> list[tuple[str, torch.nn.Module]]:
     """[(path from the ModelPatcher's model, module)] of the UNet layers to adapt."""
     suffixes = LAYER_SETS[layer_set]
     found = adaptable_layers(model.model.diffusion_model,
-                             None if suffixes is None else lambda name, m: name.endswith(suffixes))
+                             None if suffixes is None else lambda name, m: name.endswith(suffixes), compat.layer_kind)
     return [(f"diffusion_model.{name}", m) for name, m in found]
 
 
 def text_encoder_layers(clip, mode: str) -> list[tuple[str, torch.nn.Module]]:
     """[(path in clip.cond_stage_model, module)] of the text-encoder layers to adapt ("lora" or "full")."""
     return adaptable_layers(clip.cond_stage_model,
-                            (lambda name, m: name.endswith(TEXT_ENCODER_LORA_LAYERS)) if mode == "lora" else None)
+                            (lambda name, m: name.endswith(TEXT_ENCODER_LORA_LAYERS)) if mode == "lora" else None,
+                            compat.layer_kind)
 
 
 def max_lora_rank(module: torch.nn.Module) -> int:
@@ -65,10 +67,10 @@ def max_lora_rank(module: torch.nn.Module) -> int:
 
 def new_adapter(module: torch.nn.Module, method: str, rank: int, alpha: float, generator: torch.Generator):
     if method == "lora":
-        return LoRA(tuple(module.weight.shape), min(rank, max_lora_rank(module)), alpha, conv=conv_spec(module),
-                    generator=generator)
+        return LoRA(tuple(module.weight.shape), min(rank, max_lora_rank(module)), alpha,
+                    conv=conv_spec(module, compat.layer_kind(module)), generator=generator)
     return FullDelta(tuple(module.weight.shape), None if module.bias is None else tuple(module.bias.shape),
-                     conv=conv_spec(module))
+                     conv=conv_spec(module, compat.layer_kind(module)))
 
 
 def _bind(root: torch.nn.Module, path: str, adapter: torch.nn.Module, input_name: str):
@@ -84,7 +86,7 @@ def _bind(root: torch.nn.Module, path: str, adapter: torch.nn.Module, input_name
                                      f"{adapter.weight_shape} in the adapter; connect a {input_name} of the family "
                                      "the adapter was trained on.")
     if adapter.conv is not None:
-        spec = conv_spec(module)
+        spec = conv_spec(module, compat.layer_kind(module))
         spec.pop("groups")
         adapter.conv = spec
     return module

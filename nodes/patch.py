@@ -45,19 +45,23 @@ class PatchResolutionConfig(io.ComfyNode):
                 io.Boolean.Input("grid_gate", default=_D.grid_gate,
                                  tooltip="Off = paper-exact grid amplitude. On = a learnable scale on the grid that "
                                          "starts at 0, so the fine-tuned model starts identical to the base."),
-                io.Int.Input("crop_bank", default=_D.crop_bank, min=1, max=1024,
-                             tooltip="How many distinct random crops are VAE-encoded once before training and "
-                                     "reused (one VAE pass per step would slow every step). More = more crop "
-                                     "variety, longer set-up."),
+                io.Int.Input("crop_bank", default=_D.crop_bank, min=0, max=1024,
+                             tooltip="0 = a fresh random crop at every step, VAE-encoded on the fly (as the paper's "
+                                     "code). N > 0 = N random crops VAE-encoded once before training and reused: "
+                                     "saves the per-step VAE encode, at the cost of crop variety."),
+                io.Boolean.Input("recon_loss", default=_D.recon_loss, optional=True,
+                                 tooltip="Add the official patch configs' reconstruction loss L_rec (weight 1.0): "
+                                         "the noise-level-weighted L1 distance between the predicted clean latent "
+                                         "and the crop (docs/method.md §2). Off = the denoising loss only."),
             ],
             outputs=[PatchConfigType.Output(display_name="patch_config")],
         )
 
     @classmethod
     def execute(cls, working_size, train_resolution, min_crop_frac, max_crop_frac, whole_image_prob, grid_size,
-                interpolation, grid_gate, crop_bank) -> io.NodeOutput:
+                interpolation, grid_gate, crop_bank, recon_loss=_D.recon_loss) -> io.NodeOutput:
         config = PatchConfig(working_size, train_resolution, min_crop_frac, max_crop_frac, whole_image_prob,
-                             grid_size, interpolation, grid_gate, crop_bank)
+                             grid_size, interpolation, grid_gate, crop_bank, recon_loss)
         with node_errors("SINE Patch Resolution Config"):
             try:
                 config.validate()

@@ -1,9 +1,14 @@
-"""Pictures SINE Finetune shows the user: the training loss (log scale), for the loss_curve output and previews."""
+"""Pictures SINE Finetune shows the user: the training loss (log scale), for the loss_curve output, and the live
+preview on the node while it trains (the loss so far beside what the model currently predicts)."""
 from __future__ import annotations
 
 import numpy as np
 import torch
 from PIL import Image, ImageDraw
+
+import latent_preview
+
+PREVIEW_HEIGHT = 256  # px of the live preview (loss curve and prediction side by side)
 
 
 def loss_curve_pil(losses: list[float], width: int = 512, height: int = 256) -> Image.Image:
@@ -27,3 +32,30 @@ def loss_curve_image(losses: list[float], width: int = 512, height: int = 256) -
     """(1, H, W, 3) in [0, 1]: ComfyUI's IMAGE layout, for a Preview Image node."""
     img = loss_curve_pil(losses, width, height)
     return torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0)[None]
+
+
+def latent_decoder(model):
+    """latent (B, C, h, w) in the model's space -> PIL image, through ComfyUI's preview decoder for the user's
+    preview method (TAESD if set up) or, when previews are off or unavailable, the model's latent2rgb factors (a
+    matrix product: no extra UNet or VAE run). Returns None where the model has neither."""
+    latent_format = model.model.latent_format
+    previewer = latent_preview.get_previewer(model.load_device, latent_format)
+    if previewer is None and latent_format.latent_rgb_factors is not None:
+        previewer = latent_preview.Latent2RGBPreviewer(latent_format.latent_rgb_factors,
+                                                       latent_format.latent_rgb_factors_bias)
+    if previewer is None:
+        return lambda latent: None
+    return lambda latent: previewer.decode_latent_to_preview(latent[:1].float())
+
+
+def training_preview(losses: list[float], prediction: Image.Image | None):
+    """ComfyUI's progress-bar preview ("JPEG", PIL image, max side): the loss curve so far, and beside it the
+    model's current prediction of the training image (or crop)."""
+    curve = loss_curve_pil(losses, width=2 * PREVIEW_HEIGHT, height=PREVIEW_HEIGHT)
+    if prediction is None:
+        return "JPEG", curve, latent_preview.MAX_PREVIEW_RESOLUTION
+    w = max(1, round(prediction.width * PREVIEW_HEIGHT / max(1, prediction.height)))
+    canvas = Image.new("RGB", (curve.width + w, PREVIEW_HEIGHT))
+    canvas.paste(curve, (0, 0))
+    canvas.paste(prediction.convert("RGB").resize((w, PREVIEW_HEIGHT), Image.NEAREST), (curve.width, 0))
+    return "JPEG", canvas, latent_preview.MAX_PREVIEW_RESOLUTION

@@ -6,8 +6,11 @@ inside inference_mode(False), and inputs made in inference mode are cloned or vi
 """
 from __future__ import annotations
 
+import copy
 import logging
-from dataclasses import asdict, dataclass
+import time
+from dataclasses import asdict, dataclass, replace
+from typing import Callable
 
 import torch
 
@@ -15,22 +18,25 @@ import comfy.model_management
 import comfy.utils
 
 from ..sine_ops.adapters import RowRouter
-from ..sine_ops.config import FinetuneSettings, OptimConfig, PatchConfig
+from ..sine_ops.config import RECON_LOSS_WEIGHT, FinetuneSettings, OptimConfig, PatchConfig
 from ..sine_ops.sine_adapter import SineAdapter
-from ..sine_ops.training import TrainingDiverged, denoising_loss, noisy_latent, train
-from ..sine_ops.training_data import training_latents
+from ..sine_ops.training import (TrainingDiverged, TrainProgress, denoising_loss, noisy_latent, reconstruction_loss,
+                                 step_generator, train)
+from ..sine_ops.training_data import FreshCropSampler, training_sampler
+from . import comfy_compat as compat
 from . import model_patching as mp
+from . import previews
 from .errors import InputError
 
 log = logging.getLogger("sine")
-LOG_EVERY = 50  # steps between loss lines in the console
+LOG_EVERY, LOG_EVERY_S = 50, 30.0  # a loss line in the console every 50 steps, or every 30 s if that comes first
+PREVIEW_EVERY_S: float | None = 2.0  # seconds between live previews on the node (None = no previews)
 
 
 @dataclass
 class TrainingSetup:
     """What the loop needs, prepared once: data, the adapter being trained and the patched clones it runs on."""
-    latents: torch.Tensor            # (N, C, h, w) training latents (N = crop bank size in patch mode)
-    boxes: torch.Tensor | None       # (N, 4) grid boxes of the crops, None for a plain fine-tune
+    data: object                     # training_data's BankSampler / FreshCropSampler: each step's latent, box, mask
     adapter: SineAdapter
     model: object                    # training clone of the MODEL (ModelPatcher)
     clip: object                     # the CLIP that encodes the prompt (a training clone if the encoder trains)
@@ -40,25 +46,101 @@ class TrainingSetup:
     dtype: torch.dtype | None        # autocast dtype, None = fp32
 
 
+Checkpoint = Callable[[SineAdapter], None]
+
+
 def run_finetune(model, clip, vae, image, source_prompt: str, settings: FinetuneSettings,
-                 patch: PatchConfig | None) -> tuple[SineAdapter, list[float]]:
-    """Train a SINE adapter on `image`; returns it (on the CPU) and the loss of every step."""
+                 patch: PatchConfig | None, *, mask: torch.Tensor | None = None, start: SineAdapter | None = None,
+                 save_every: int = 0, on_checkpoint: Checkpoint = lambda adapter: None,
+                 on_stopped: Checkpoint = lambda adapter: None) -> tuple[SineAdapter, list[float]]:
+    """Train a SINE adapter on `image` up to `settings.steps` steps in total; returns it (on the CPU, with its
+    optimizer state, `settings["steps"]` = steps trained) and the loss of every step.
+
+    start: an adapter of the same layout to continue (its weights, AdamW state and step count). mask: (1, H, W)
+    loss weight. on_checkpoint gets a CPU copy every `save_every` steps; on_stopped gets the last completed state
+    when training stops early (cancel, error), before the exception goes on.
+    """
     with torch.inference_mode(False):
         generator = torch.Generator().manual_seed(settings.seed)
-        setup = _prepare(model, clip, vae, image, source_prompt, settings, patch, generator)
+        setup = _prepare(model, clip, vae, image, source_prompt, settings, patch, generator, mask)
+        prior = list(start.losses) if start is not None else []
+        progress, start_step = TrainProgress(), 0
         try:
-            losses = _train_loop(setup, settings, generator)
+            start_step, optimizer_state = _continue_from(setup.adapter, start, settings)
+            _train_loop(setup, settings, progress, start_step, optimizer_state, prior,
+                        save_every, lambda: on_checkpoint(_snapshot(setup.adapter, progress, prior, copy_params=True)))
+        except BaseException:
+            if progress.step > start_step:
+                _keep_stopped(on_stopped, _snapshot(setup.adapter, progress, prior, copy_params=True))
+            raise
         finally:
             setup.adapter.requires_grad_(False)
             setup.model = setup.clip = None
             comfy.model_management.cleanup_models_gc()
             comfy.model_management.soft_empty_cache()
-        for p in setup.adapter.parameters():
+        adapter = _snapshot(setup.adapter, progress, prior, copy_params=False)
+        return adapter, adapter.losses
+
+
+def _keep_stopped(on_stopped: Checkpoint, adapter: SineAdapter) -> None:
+    """Hand the stopped run's state over; a failure here is logged, never put in place of the real error."""
+    try:
+        on_stopped(adapter)
+    except Exception as e:  # noqa: BLE001 - the training's own exception is the one to report
+        log.warning(f"SINE Finetune: could not keep the stopped run's state ({type(e).__name__}: {e})")
+
+
+def _continue_from(adapter: SineAdapter, start: SineAdapter | None, settings: FinetuneSettings):
+    """(first step, optimizer state in parameter order or None): copies `start`'s weights into the fresh
+    `adapter` after checking it has the same layout."""
+    if start is None:
+        return 0, None
+    ours, theirs = dict(adapter.named_parameters()), dict(start.named_parameters())
+    trained = start.settings.get("steps")
+    if set(ours) != set(theirs) or any(ours[k].shape != theirs[k].shape for k in ours) or \
+            (adapter.patch is None) != (start.patch is None):
+        raise InputError("continue_from", "this adapter was trained with another layout (method, lora_rank, "
+                                          "layers, text_encoder, grid_gate or patch mode); set those inputs as it "
+                                          f"was trained: {_layout_text(start.settings)}")
+    if not isinstance(trained, int) or trained < 1:
+        raise InputError("continue_from", "this adapter does not record how many steps it was trained; it cannot "
+                                          "be continued")
+    if trained > settings.steps:
+        raise InputError("steps", f"{settings.steps} is fewer than the {trained} steps continue_from already has; "
+                                  f"steps counts in total: set more than {trained} (or disconnect continue_from)")
+    with torch.no_grad():
+        for name, p in ours.items():
+            p.copy_(theirs[name].to(p))
+    state = start.optimizer_state
+    if state is None:
+        log.warning("SINE Finetune: continue_from has no optimizer state (saved without it); AdamW restarts "
+                    "from zero, so the result differs from one uninterrupted run")
+        return trained, None
+    return trained, [state.get(name, {}) for name in ours]
+
+
+def _layout_text(settings: dict) -> str:
+    return ", ".join(f"{k}={settings.get(k)}" for k in ("method", "lora_rank", "layers", "text_encoder"))
+
+
+def _snapshot(adapter: SineAdapter, progress: TrainProgress, prior: list[float], copy_params: bool) -> SineAdapter:
+    """The adapter at `progress.step`, on the CPU, with its optimizer state and loss history. copy_params: a
+    copy (training goes on), else the trained parameters are moved to the CPU in place."""
+    names = [name for name, _ in adapter.named_parameters()]
+    state = None if progress.optimizer_state is None else \
+        {n: s for n, s in zip(names, progress.optimizer_state) if s}
+    result = replace(adapter, settings={**adapter.settings, "steps": progress.step}, optimizer_state=state,
+                     losses=prior + list(progress.losses))
+    if not copy_params:
+        for p in result.parameters():
             p.data = p.data.cpu()
-        return setup.adapter, losses
+        return result
+    memo = {id(p): torch.nn.Parameter(p.detach().cpu().clone(), requires_grad=False) for p in adapter.parameters()}
+    memo.update({id(v): v for v in (state, result.losses, result.settings)})  # already fresh: not copied again
+    return copy.deepcopy(result, memo)
 
 
-def _prepare(model, clip, vae, image, source_prompt, settings, patch, generator) -> TrainingSetup:
+def _prepare(model, clip, vae, image, source_prompt, settings, patch, generator, mask=None) -> TrainingSetup:
     family = mp.model_family(model)
     if patch is not None:
         if not mp.has_unet_input_conv(model):
@@ -69,28 +151,31 @@ def _prepare(model, clip, vae, image, source_prompt, settings, patch, generator)
         except ValueError as e:
             raise InputError("patch_config", f"{e} (set in SINE Patch Resolution Config)") from None
     with torch.no_grad():
-        latents, boxes = training_latents(image.clone(), lambda px: vae.encode(px), settings, family, patch,
-                                          generator, on_item=_interruptible)
-        latents = model.model.process_latent_in(latents.clone())
+        data = training_sampler(image.clone(), lambda px: model.model.process_latent_in(vae.encode(px).float().cpu()),
+                                settings, family, patch, generator, None if mask is None else mask.clone(),
+                                on_item=_interruptible)
         tokens = clip.tokenize(source_prompt)
         fixed_cond = None if settings.text_encoder != "off" else _frozen_cond(clip, tokens)
-    adapter = _new_adapter(model, clip, family, source_prompt, settings, patch, generator)
+    train_base = compat.training_clone(model, "model")  # a non-dynamic model under newer ComfyUI's dynamic VRAM
+    adapter = _new_adapter(train_base, clip, family, source_prompt, settings, patch, generator)
     router = RowRouter()  # no routing: every row is the fine-tuned model while training
-    train_model = mp.patched_model(model, {0: adapter}, router)
+    train_model = mp.patched_model(train_base, {0: adapter}, router)
     mp.attach_trainable_views(train_model, "diffusion_model.")
     if settings.gradient_checkpointing:
         mp.attach_gradient_checkpointing(train_model)
-    train_clip = mp.patched_clip(clip, adapter)
+    train_clip = mp.patched_clip(compat.training_clip_clone(clip) if adapter.text_encoder else clip, adapter)
     if adapter.text_encoder:
         mp.attach_trainable_views(train_clip.patcher)
         mp.attach_inplace_guards(train_clip.patcher)
     device = mp.device_of(model)
-    return TrainingSetup(latents, boxes, adapter, train_model, train_clip, tokens, fixed_cond, device,
+    return TrainingSetup(data, adapter, train_model, train_clip, tokens, fixed_cond, device,
                          _compute_dtype(settings.precision, device))
 
 
 def _interruptible(done: int, total: int) -> None:
+    """After each set-up encode (the crop bank: up to minutes): ComfyUI's cancel, and the set-up's progress."""
     comfy.model_management.throw_exception_if_processing_interrupted()
+    comfy.utils.ProgressBar(total).update_absolute(done, total)
 
 
 def _frozen_cond(clip, tokens) -> tuple:
@@ -101,6 +186,7 @@ def _frozen_cond(clip, tokens) -> tuple:
 def _new_adapter(model, clip, family, source_prompt, settings: FinetuneSettings, patch, generator) -> SineAdapter:
     """Fresh adapters for the chosen layers (LoRA up = 0 / zero deltas: the fine-tuned model starts at the base)."""
     unet_layers = mp.unet_layers(model, settings.layers)
+    compat.refuse_quantized_training(unet_layers, "model")
     if settings.method == "lora":
         largest = max(mp.max_lora_rank(m) for _, m in unet_layers)
         if settings.lora_rank > largest:
@@ -126,39 +212,70 @@ def _compute_dtype(precision: str, device: torch.device):
     return {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
 
-def _train_loop(s: TrainingSetup, settings: FinetuneSettings, generator: torch.Generator) -> list[float]:
+def _train_loop(s: TrainingSetup, settings: FinetuneSettings, progress: TrainProgress, start_step: int,
+                optimizer_state, prior_losses: list[float], save_every: int, checkpoint: Callable[[], None]) -> None:
     ms = s.model.model.model_sampling
-    pbar = comfy.utils.ProgressBar(settings.steps)
     comfy.model_management.load_models_gpu([s.model], force_full_load=True)
     transformer_options = s.model.model_options["transformer_options"]
+    recon = s.adapter.patch is not None and s.adapter.patch.recon_loss
+    last = {}  # the latest step's denoised prediction, for the live preview
 
     def loss_at_step(step: int) -> torch.Tensor:
-        idx = int(torch.randint(0, s.latents.shape[0], (1,), generator=generator))
-        x0 = s.latents[idx:idx + 1].to(s.device)
+        generator = step_generator(settings.seed, step)  # step k draws the same whatever step the run started at
+        latent, box, mask = s.data.draw(generator)
+        if isinstance(s.data, FreshCropSampler):  # the VAE encode may have moved the UNet off a small GPU
+            comfy.model_management.load_models_gpu([s.model], force_full_load=True)
+        x0, mask = latent.to(s.device), None if mask is None else mask.to(s.device)
         cond_entry = s.fixed_cond or _encode_trained_prompt(s)
         sigma, _, x = noisy_latent(ms, x0, generator)
-        options = transformer_options if s.boxes is None else \
-            {**transformer_options, mp.CROP_BOXES_KEY: s.boxes[idx:idx + 1]}
+        options = transformer_options if box is None else {**transformer_options, mp.CROP_BOXES_KEY: box}
         with torch.autocast(s.device.type, dtype=s.dtype, enabled=s.dtype is not None):
             denoised = s.model.model.apply_model(x, sigma, transformer_options=options,
                                                  **mp.model_kwargs(s.model, cond_entry, x, s.device))
-        return denoising_loss(ms, sigma, denoised, x0)
+        last["denoised"] = denoised.detach()
+        loss = denoising_loss(ms, sigma, denoised, x0, mask)
+        if recon:
+            loss = loss + RECON_LOSS_WEIGHT * reconstruction_loss(ms, sigma, denoised, x0, mask)
+        return loss
 
-    def on_step(step: int, loss: float) -> None:
-        comfy.model_management.throw_exception_if_processing_interrupted()
-        pbar.update_absolute(step, settings.steps)
-        if step % LOG_EVERY == 0 or step == settings.steps:
-            log.info(f"SINE Finetune: step {step}/{settings.steps} loss {loss:.5f}")
-
+    on_step = _step_reporter(s, settings.steps, prior_losses, progress, last)
     for p in s.adapter.parameters():
         p.data = p.data.to(s.device)
         p.requires_grad_(True)
+    config = OptimConfig(steps=settings.steps, learning_rate=settings.learning_rate,
+                         clip_grad_norm=settings.clip_grad_norm or None, checkpoint_every=save_every)
     try:
-        with torch.enable_grad():
-            return train(s.adapter.parameters(), loss_at_step,
-                         OptimConfig(steps=settings.steps, learning_rate=settings.learning_rate), on_step)
+        with torch.enable_grad(), compat.training_mode():
+            train(s.adapter.parameters(), loss_at_step, config, on_step, start_step=start_step,
+                  optimizer_state=optimizer_state, progress=progress, on_checkpoint=lambda _: checkpoint())
     except TrainingDiverged as e:
         raise InputError("learning_rate", str(e)) from None
+
+
+def _step_reporter(s: TrainingSetup, total: int, prior_losses: list[float], progress: TrainProgress, last: dict):
+    """on_step for train(): cancel, the progress bar with a live preview every PREVIEW_EVERY_S seconds (first
+    and last step included), and a console loss line every LOG_EVERY steps or LOG_EVERY_S seconds."""
+    pbar = comfy.utils.ProgressBar(total)
+    decode = previews.latent_decoder(s.model)
+    clock = {"preview": None, "log": time.monotonic(), "logged_step": progress.step}
+
+    def on_step(step: int, loss: float) -> None:
+        comfy.model_management.throw_exception_if_processing_interrupted()
+        now = time.monotonic()
+        preview = None
+        if PREVIEW_EVERY_S is not None and (clock["preview"] is None or step == total or
+                                            now - clock["preview"] >= PREVIEW_EVERY_S):
+            preview = previews.training_preview(prior_losses + progress.losses, decode(last["denoised"]))
+            clock["preview"] = now
+        pbar.update_absolute(step, total, preview)
+        if step % LOG_EVERY == 0 or step == total or now - clock["log"] >= LOG_EVERY_S:
+            recent = progress.losses[-(step - clock["logged_step"]):]
+            rate = (step - clock["logged_step"]) / max(now - clock["log"], 1e-9)
+            log.info(f"SINE Finetune: step {step}/{total} loss {loss:.5f} (mean of the last {len(recent)}: "
+                     f"{sum(recent) / len(recent):.5f}), {rate:.2f} steps/s")
+            clock["log"], clock["logged_step"] = now, step
+
+    return on_step
 
 
 def _encode_trained_prompt(s: TrainingSetup) -> tuple:

@@ -1,16 +1,19 @@
-"""The SINE adapter file: its format, and its (atomic) write and (safetensors-only) read.
+"""The SINE adapter file: its format, its checks, and its (atomic) write and (safetensors-only) read.
 
 File = safetensors in ComfyUI's LoRA key layout, so ComfyUI's stock LoraLoader reads the UNet and text-encoder
 parts of a non-patch adapter: `diffusion_model.<module>.lora_down.weight / .lora_up.weight / .alpha` for LoRA,
 `.diff / .diff_b` for full fine-tunes (weight deltas), `text_encoders.<module>...` for the text encoder.
-SINE-only parts ride along under `sine.` keys (ComfyUI ignores them) and in the `sine` metadata entry, with a
-checksum of the tensors in `sine_checksum`.
+SINE-only parts ride along under `sine.` keys (ComfyUI ignores them) and in the `sine` metadata entry. Two
+checksums: `sine_checksum` over the tensors, `sine_metadata_checksum` over every other metadata entry (so a cache
+entry's key, stored in its metadata, is checked too).
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import os
+import re
+import tempfile
 
 import safetensors
 import safetensors.torch
@@ -23,10 +26,18 @@ from .sine_adapter import SineAdapter
 FORMAT_VERSION = 1
 TE_PREFIX = "text_encoders."
 GRID_GATE_KEY = "sine.grid_gate"
+OPTIM_PREFIX, OPTIM_FIELDS = "sine.optim.", ("step", "exp_avg", "exp_avg_sq")  # AdamW state, to continue training
+CHECKSUM_KEY, METADATA_CHECKSUM_KEY = "sine_checksum", "sine_metadata_checksum"
+# The temporary file of an atomic write: hidden, and not ending in an extension ComfyUI lists (.safetensors)
+TEMP_PREFIX, TEMP_SUFFIX = ".sine-", ".partial"
+# A layer path component: a module attribute or a ModuleList index. Names of nn.Module's own attributes
+# (forward, to, state_dict...) are not layers: a key naming one would patch a method.
+_PATH_PART = re.compile(r"[A-Za-z][A-Za-z0-9_]*|\d+")
+_MODULE_ATTRS = frozenset(dir(torch.nn.Module))
 
 
 class AdapterFileError(ValueError):
-    """The file is not a usable SINE adapter (wrong keys, shapes, dtype, or damaged)."""
+    """The file is not a usable SINE adapter (wrong keys, shapes, dtype, values or metadata, or damaged)."""
 
 
 # ---- adapter <-> tensors + metadata ---------------------------------------------------------------------------------
@@ -45,34 +56,64 @@ def state_dict(adapter: SineAdapter) -> dict[str, torch.Tensor]:
                     sd[f"{key}.diff_b"] = ad.bias.detach().float().contiguous()
     if adapter.grid_gate is not None:
         sd[GRID_GATE_KEY] = adapter.grid_gate.detach().float().reshape(())
+    for name, state in (adapter.optimizer_state or {}).items():
+        for field, t in state.items():
+            sd[f"{OPTIM_PREFIX}{name}.{field}"] = t.detach().float().reshape(t.shape).contiguous()
     return sd
 
 
-def metadata(adapter: SineAdapter, sd: dict[str, torch.Tensor]) -> dict[str, str]:
+def split_optimizer_state(sd: dict[str, torch.Tensor]):
+    """(adapter tensors, optimizer state {parameter name: {field: tensor}} or None) of a file's tensors: the
+    optional `sine.optim.<parameter>.<step|exp_avg|exp_avg_sq>` keys let a saved adapter continue training."""
+    state: dict[str, dict[str, torch.Tensor]] = {}
+    for k in [k for k in sd if k.startswith(OPTIM_PREFIX)]:
+        name, field = k[len(OPTIM_PREFIX):].rsplit(".", 1)
+        if field not in OPTIM_FIELDS:
+            raise AdapterFileError(f"unexpected optimizer-state key {k!r}")
+        state.setdefault(name, {})[field] = sd[k].float()
+    return {k: v for k, v in sd.items() if not k.startswith(OPTIM_PREFIX)}, state or None
+
+
+def non_finite_tensor(sd: dict[str, torch.Tensor]) -> str | None:
+    """The name of the first tensor holding NaN/Inf, or None."""
+    return next((k for k in sorted(sd) if not torch.isfinite(sd[k]).all()), None)
+
+
+def check_finite(adapter: SineAdapter) -> None:
+    """Raises AdapterFileError when a weight is NaN/Inf: such an adapter renders black or noise."""
+    bad = non_finite_tensor(state_dict(adapter))
+    if bad is not None:
+        raise AdapterFileError(f"the adapter's tensor {bad} holds NaN/Inf values (training diverged)")
+
+
+def metadata(adapter: SineAdapter, sd: dict[str, torch.Tensor],
+             extra: dict[str, str] | None = None) -> dict[str, str]:
     info = {"format": FORMAT_VERSION, "family": adapter.family, "source_prompt": adapter.source_prompt,
             "patch": None if adapter.patch is None else adapter.patch.to_dict(), "settings": adapter.settings}
-    return {"sine": json.dumps(info, sort_keys=True), "sine_checksum": checksum(sd)}
+    meta = {"sine": json.dumps(info, sort_keys=True), **(extra or {})}
+    return {**meta, CHECKSUM_KEY: checksum(sd), METADATA_CHECKSUM_KEY: metadata_checksum(meta)}
 
 
-def from_state_dict(sd: dict[str, torch.Tensor], meta: dict[str, str]) -> SineAdapter:
-    """Rebuild from a file's tensors and metadata; every inconsistency raises AdapterFileError."""
-    if "sine" not in (meta or {}):
-        raise AdapterFileError("no SINE metadata: this is not a SINE adapter file (a plain LoRA? use LoraLoader)")
-    try:
-        info = json.loads(meta["sine"])
-    except json.JSONDecodeError as e:
-        raise AdapterFileError(f"damaged SINE metadata ({e})") from None
-    if info.get("format") != FORMAT_VERSION:
-        raise AdapterFileError(f"unsupported SINE adapter format {info.get('format')!r}")
-    if "sine_checksum" in meta and meta["sine_checksum"] != checksum(sd):
-        raise AdapterFileError("checksum mismatch: the file is damaged")
+def from_state_dict(sd: dict[str, torch.Tensor], meta: dict[str, str],
+                    require_checksums: bool = False) -> SineAdapter:
+    """Rebuild from a file's tensors and metadata; every inconsistency raises AdapterFileError naming the field.
+
+    require_checksums: refuse a file without both checksums (cache entries: always written with them). Files
+    saved by hand-edited tools may lack them and are still read when their content passes every other check."""
+    info = _checked_info(meta)
+    _check_checksums(sd, meta, require_checksums)
     for k, t in sd.items():
         if not t.dtype.is_floating_point:
             raise AdapterFileError(f"tensor {k} has dtype {t.dtype}, expected floating point")
+    bad = non_finite_tensor(sd)
+    if bad is not None:
+        raise AdapterFileError(f"tensor {bad} holds NaN/Inf values: the adapter is unusable")
+    sd, optimizer_state = split_optimizer_state(sd)
     unet, te = {}, {}
     modules = sorted({k.rsplit(".", 2)[0] if k.endswith((".lora_down.weight", ".lora_up.weight"))
                       else k.rsplit(".", 1)[0] for k in sd if k != GRID_GATE_KEY})
     for key in modules:
+        _check_layer_path(key)
         group, path = (te, key[len(TE_PREFIX):]) if key.startswith(TE_PREFIX) else (unet, key)
         group[path] = _adapter_from_tensors(key, sd)
     used = {k for k in sd if k == GRID_GATE_KEY} | {k for k in sd for m in modules if k.startswith(m + ".")}
@@ -80,12 +121,83 @@ def from_state_dict(sd: dict[str, torch.Tensor], meta: dict[str, str]) -> SineAd
         raise AdapterFileError(f"unexpected keys: {sorted(set(sd) - used)[:5]}")
     if not unet and not te:
         raise AdapterFileError("the file holds no adapter weights")
-    patch = None if info.get("patch") is None else PatchConfig.from_dict(info["patch"])
     gate = sd.get(GRID_GATE_KEY)
+    if gate is not None and (gate.numel() != 1 or info["patch"] is None):
+        raise AdapterFileError(f"tensor {GRID_GATE_KEY} must be one value, and only in a patch adapter")
     return SineAdapter(unet=unet, text_encoder=te, family=info["family"], source_prompt=info["source_prompt"],
-                       patch=patch, grid_gate=None if gate is None else
+                       patch=info["patch"], grid_gate=None if gate is None else
                        torch.nn.Parameter(gate.float().reshape(()), requires_grad=False),
-                       settings=info.get("settings", {}))
+                       settings=info["settings"], optimizer_state=optimizer_state)
+
+
+def _checked_info(meta: dict[str, str]) -> dict:
+    """The `sine` metadata entry, every field checked: family, source_prompt, settings, patch (a PatchConfig)."""
+    if "sine" not in (meta or {}):
+        raise AdapterFileError("no SINE metadata: this is not a SINE adapter file (a plain LoRA? use LoraLoader)")
+    try:
+        info = json.loads(meta["sine"])
+    except json.JSONDecodeError as e:
+        raise AdapterFileError(f"damaged SINE metadata: 'sine' is not JSON ({e})") from None
+    if not isinstance(info, dict):
+        raise AdapterFileError(f"damaged SINE metadata: 'sine' is a {type(info).__name__}, expected an object")
+    if info.get("format") != FORMAT_VERSION:
+        raise AdapterFileError(f"SINE metadata field 'format': unsupported version {info.get('format')!r} "
+                               f"(this pack reads version {FORMAT_VERSION})")
+    for field in ("family", "source_prompt"):
+        if not isinstance(info.get(field), str) or not info[field].strip():
+            raise AdapterFileError(f"SINE metadata field '{field}' is {_shown(info.get(field))}, expected a "
+                                   "non-empty text")
+    settings = info.get("settings", {})
+    if not isinstance(settings, dict):
+        raise AdapterFileError(f"SINE metadata field 'settings' is {_shown(settings)}, expected an object")
+    return {**info, "settings": settings, "patch": _checked_patch(info.get("patch"))}
+
+
+def _checked_patch(raw) -> PatchConfig | None:
+    if raw is None:
+        return None
+    if not isinstance(raw, dict):
+        raise AdapterFileError(f"SINE metadata field 'patch' is {_shown(raw)}, expected an object or null")
+    for name, field in PatchConfig.__dataclass_fields__.items():
+        if name in raw and not _has_type(raw[name], type(field.default)):
+            raise AdapterFileError(f"SINE metadata field 'patch.{name}' is {_shown(raw[name])}, expected "
+                                   f"{type(field.default).__name__}")
+    patch = PatchConfig.from_dict(raw)
+    try:
+        patch.validate()
+    except ValueError as e:
+        raise AdapterFileError(f"SINE metadata field 'patch': {e}") from None
+    if not patch.working_size or not patch.train_resolution:
+        raise AdapterFileError("SINE metadata field 'patch': working_size and train_resolution must be set")
+    return patch
+
+
+def _has_type(value, expected: type) -> bool:
+    if expected is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if expected is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, expected)
+
+
+def _shown(value) -> str:
+    return "missing" if value is None else f"{json.dumps(value)[:60]} ({type(value).__name__})"
+
+
+def _check_layer_path(key: str) -> None:
+    parts = key.split(".")
+    if not all(_PATH_PART.fullmatch(p) and p not in _MODULE_ATTRS for p in parts):
+        raise AdapterFileError(f"key {key!r} does not name a layer (each part must be a layer name or an index, "
+                               "never a method or private attribute)")
+
+
+def _check_checksums(sd, meta, required: bool) -> None:
+    for name, expected in ((CHECKSUM_KEY, lambda: checksum(sd)), (METADATA_CHECKSUM_KEY, lambda: metadata_checksum(meta))):
+        if name not in meta:
+            if required:
+                raise AdapterFileError(f"metadata field '{name}' is missing")
+        elif meta[name] != expected():
+            raise AdapterFileError(f"checksum mismatch ({name}): the file is damaged")
 
 
 def _adapter_from_tensors(key: str, sd: dict[str, torch.Tensor]) -> torch.nn.Module:
@@ -112,6 +224,8 @@ def _lora_from_tensors(key: str, down, up, alpha) -> LoRA:
     if down.ndim not in (2, 4) or up.ndim != down.ndim or up.shape[1] != down.shape[0] or \
             (up.ndim == 4 and tuple(up.shape[2:]) != (1, 1)):
         raise AdapterFileError(f"{key}: inconsistent LoRA shapes {tuple(down.shape)} / {tuple(up.shape)}")
+    if alpha.numel() != 1 or not float(alpha) > 0:
+        raise AdapterFileError(f"{key}.alpha must be one positive value, got {alpha.flatten()[:3].tolist()}")
     shape = (up.shape[0],) + tuple(down.shape[1:])
     try:
         ad = LoRA(shape, down.shape[0], float(alpha), conv={} if down.ndim == 4 else None)
@@ -133,26 +247,67 @@ def checksum(sd: dict[str, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
+def metadata_checksum(meta: dict[str, str]) -> str:
+    """sha256 over every metadata entry but the two checksums."""
+    kept = {k: v for k, v in meta.items() if k not in (CHECKSUM_KEY, METADATA_CHECKSUM_KEY)}
+    return hashlib.sha256(json.dumps(kept, sort_keys=True).encode()).hexdigest()
+
+
 # ---- files ----------------------------------------------------------------------------------------------------------
-def save_adapter_file(adapter: SineAdapter, path: str, extra_metadata: dict[str, str] | None = None) -> None:
-    """Atomic write: a temporary name in the same folder, then a rename; a crash never leaves a half-written file
-    under the final name."""
-    sd = state_dict(adapter)
-    tmp = f"{path}.partial"
+def is_sine_adapter_file(path: str) -> bool:
+    """Whether `path` is a safetensors file with SINE metadata (read from the header only)."""
     try:
-        safetensors.torch.save_file(sd, tmp, metadata={**metadata(adapter, sd), **(extra_metadata or {})})
-        os.replace(tmp, path)
+        with safetensors.safe_open(path, framework="pt", device="cpu") as f:
+            return "sine" in (f.metadata() or {})
+    except Exception:  # safetensors' own error types: not a safetensors file at all
+        return False
+
+
+def save_adapter_file(adapter: SineAdapter, path: str, extra_metadata: dict[str, str] | None = None,
+                      replace: bool = True) -> None:
+    """Atomic write: a temporary name in the same folder (not listed by ComfyUI), flushed, then renamed; a crash
+    never leaves a half-written file under the final name. replace=False never replaces an existing file (raises
+    FileExistsError, also when another writer got there first). Refuses NaN/Inf weights (AdapterFileError)."""
+    sd = state_dict(adapter)
+    bad = non_finite_tensor(sd)
+    if bad is not None:
+        raise AdapterFileError(f"the adapter's tensor {bad} holds NaN/Inf values (training diverged); not saved")
+    fd, tmp = tempfile.mkstemp(prefix=TEMP_PREFIX, suffix=TEMP_SUFFIX, dir=os.path.dirname(path) or ".")
+    os.close(fd)
+    try:
+        safetensors.torch.save_file(sd, tmp, metadata=metadata(adapter, sd, extra_metadata))
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        _publish(tmp, path, replace)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
 
 
-def load_adapter_file(path: str) -> tuple[SineAdapter, dict[str, str]]:
-    """Only safetensors are read (no pickle: nothing in a file can run code). Raises AdapterFileError."""
+def _publish(tmp: str, path: str, replace: bool) -> None:
+    if replace:
+        os.replace(tmp, path)
+        return
+    try:
+        os.link(tmp, path)  # fails with FileExistsError instead of replacing: no check-then-write race
+    except FileExistsError:
+        raise
+    except OSError:  # file systems without hard links (FAT, some network shares)
+        if os.path.lexists(path):
+            raise FileExistsError(path) from None
+        os.replace(tmp, path)
+
+
+def load_adapter_file(path: str, require_checksums: bool = False) -> tuple[SineAdapter, dict[str, str]]:
+    """Only safetensors are read (no pickle: nothing in a file can run code). Raises AdapterFileError naming the
+    file and what is wrong."""
     try:
         with safetensors.safe_open(path, framework="pt", device="cpu") as f:
             meta = f.metadata() or {}
             sd = {k: f.get_tensor(k) for k in f.keys()}
     except Exception as e:  # safetensors raises its own error types for truncated / non-safetensors files
-        raise AdapterFileError(f"not a readable .safetensors file ({type(e).__name__}: {e})") from None
-    return from_state_dict(sd, meta), meta
+        raise AdapterFileError(f"{path}: not a readable .safetensors file ({type(e).__name__}: {e})") from None
+    try:
+        return from_state_dict(sd, meta, require_checksums), meta
+    except AdapterFileError as e:
+        raise AdapterFileError(f"{path}: {e}") from None

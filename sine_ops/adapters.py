@@ -17,11 +17,24 @@ import torch.nn.functional as F
 from torch import nn
 
 
-def conv_spec(layer: nn.Module) -> dict | None:
-    """The conv arguments an adapter must share with `layer` (None for Linear)."""
+LayerKind = Callable[[nn.Module], "str | None"]
+
+
+def torch_layer_kind(layer: nn.Module) -> str | None:
+    """"linear", "conv2d" or None (not adaptable), by torch class; ComfyUI's ops subclass these."""
     if isinstance(layer, nn.Linear):
+        return "linear"
+    if isinstance(layer, nn.Conv2d):
+        return "conv2d"
+    return None
+
+
+def conv_spec(layer: nn.Module, kind: str | None = None) -> dict | None:
+    """The conv arguments an adapter must share with `layer` (None for Linear); `kind` as layer_kind says."""
+    kind = kind or torch_layer_kind(layer)
+    if kind == "linear":
         return None
-    if not isinstance(layer, nn.Conv2d):
+    if kind != "conv2d":
         raise ValueError(f"only Linear and Conv2d layers can be adapted, got {type(layer).__name__}")
     # The adapter conv pads with zeros, so any other padding mode would shift its delta against the base output.
     if layer.padding_mode != "zeros":
@@ -204,7 +217,8 @@ class AdaptedForward:
         return y
 
 
-def adaptable_layers(root: nn.Module, include: Callable[[str, nn.Module], bool] | None = None) -> list:
-    """[(name, module)] of Linear/Conv2d submodules (ComfyUI's ops subclass these) accepted by include(name, module)."""
+def adaptable_layers(root: nn.Module, include: Callable[[str, nn.Module], bool] | None = None,
+                     kind: LayerKind = torch_layer_kind) -> list:
+    """[(name, module)] of the Linear/Conv2d submodules (as `kind` recognises them) accepted by include(name, m)."""
     return [(name, m) for name, m in root.named_modules()
-            if isinstance(m, (nn.Linear, nn.Conv2d)) and (include is None or include(name, m))]
+            if kind(m) is not None and (include is None or include(name, m))]

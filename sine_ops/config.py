@@ -36,6 +36,9 @@ def sizes_text(attr: str) -> str:
 INTERPOLATIONS = ("bilinear", "nearest")
 
 
+RECON_LOSS_WEIGHT = 1.0  # weight of L_rec when PatchConfig.recon_loss is on (official patch configs: scale_recon_loss)
+
+
 @dataclass(frozen=True)
 class PatchConfig:
     """Patch-based fine-tuning (SINE §3): random crops of a high-res canvas plus a fixed positional grid."""
@@ -47,7 +50,9 @@ class PatchConfig:
     grid_size: int = 128           # grid cells per side; positions 1..G as in the official code (init_size 128)
     interpolation: str = "bilinear"  # how the grid window is resized: bilinear for photos, nearest for paintings
     grid_gate: bool = False        # our option: a learnable scale on the grid, initialised at 0 (off = paper)
-    crop_bank: int = 32            # distinct random crops VAE-encoded once and reused (not one VAE pass per step)
+    crop_bank: int = 0             # 0 = a fresh random crop (one VAE encode) every step, as the official code;
+                                   # N > 0 = N crops VAE-encoded once and reused (saves the per-step encode)
+    recon_loss: bool = True        # add the official patch configs' L_rec (weight 1.0, docs/method.md §2)
 
     def resolved(self, family: str) -> "PatchConfig":
         """Fill the family defaults (0 fields) in; validate the geometry."""
@@ -76,8 +81,8 @@ class PatchConfig:
         if self.working_size and self.working_size % self.grid_size:
             raise ValueError(f"working_size {self.working_size} must be a multiple of grid_size {self.grid_size} "
                              "so crops fall on whole grid cells")
-        if self.crop_bank < 1:
-            raise ValueError(f"crop_bank must be at least 1, got {self.crop_bank}")
+        if self.crop_bank < 0:
+            raise ValueError(f"crop_bank must be 0 (a fresh crop every step) or more, got {self.crop_bank}")
         if self.train_resolution and self.train_resolution % 64:
             raise ValueError(f"train_resolution must be a multiple of 64, got {self.train_resolution}")
 
@@ -125,6 +130,7 @@ class FinetuneSettings:
     gradient_checkpointing: bool = False
     resize: str = "stretch"             # paper: stretch to the training square; keep_aspect keeps the ratio
     resolution: int = 0                 # training side in px; 0 = the family's native size
+    clip_grad_norm: float = 1.0         # ours: bounds a bad first step of a high-lr LoRA; 0 = off (official code)
 
 
 PRESETS = {
@@ -132,13 +138,16 @@ PRESETS = {
     "lora_default": dict(steps=400, learning_rate=1e-4, method="lora", lora_rank=16, lora_alpha=16.0,
                          layers="attention", text_encoder="off"),
     "paper": dict(steps=800, learning_rate=1e-6, method="full", layers="all", text_encoder="full",
-                  precision="fp32", gradient_checkpointing=True),
+                  precision="fp32", gradient_checkpointing=True, clip_grad_norm=0.0),
 }
+# What a preset sets differently in patch mode (the official patch configs: max_steps 10,000)
+PATCH_PRESETS = {"paper": dict(steps=10_000)}
 
 
-def resolve_settings(preset: str, **inputs) -> FinetuneSettings:
+def resolve_settings(preset: str, patch_mode: bool = False, **inputs) -> FinetuneSettings:
     """The node's inputs with the preset's values on top (a preset overrides the inputs it names)."""
-    return replace(FinetuneSettings(**inputs), **PRESETS[preset])
+    overrides = {**PRESETS[preset], **(PATCH_PRESETS.get(preset, {}) if patch_mode else {})}
+    return replace(FinetuneSettings(**inputs), **overrides)
 
 
 @dataclass(frozen=True)
@@ -148,3 +157,5 @@ class OptimConfig:
     learning_rate: float = 1e-6    # constant, no warmup (paper, full fine-tune); LoRA wants ~1e-4
     weight_decay: float = 0.01     # torch AdamW default, as the official code
     clip_grad_norm: float | None = 1.0  # ours: bounds a bad first step of a high-lr LoRA; the official code has none
+                                        # (0 / None = off)
+    checkpoint_every: int = 0      # call on_checkpoint every N steps (periodic saves); 0 = never

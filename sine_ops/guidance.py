@@ -1,11 +1,13 @@
 """Model-based classifier-free guidance (SINE Eq. 2/3 and the multi-model sampler; docs/method.md §4-§5).
 
 The mix is affine with weights summing to 1, so it applies unchanged to eps, x0 ("denoised") or v outputs taken at
-the same x_t and sigma.
+the same x_t and sigma. With masks, each weight is a map over the latent (spatial control of the mix): the same
+affine mix per pixel, so the same holds pixel by pixel.
 """
 from typing import Sequence
 
 import torch
+import torch.nn.functional as F
 
 # Slack for UI float noise: 0.4 + 0.6000000000000001 must still count as B = 1.
 _EPS = 1e-6
@@ -39,14 +41,82 @@ def mix_conditional(cond_edit: torch.Tensor, cond_finetuned: Sequence[torch.Tens
     return out
 
 
-def window_active(timestep: float, start_percent: float, end_percent: float) -> bool:
-    """Whether DDPM timestep t is in the window (1-end)*1000 < t <= (1-start)*1000 (ComfyUI percents, 0 = noisiest).
+def window_active(sigma: float, start_sigma: float, end_sigma: float) -> bool:
+    """Whether noise level sigma is in the guidance window end_sigma < sigma <= start_sigma (docs/method.md §4).
 
-    The strict lower bound is the paper's t > K (end 0.6 <=> K = 400); end >= 1 reaches down to t = 0.
+    The bounds come from the model's own `percent_to_sigma`, so the window means the same noise levels under every
+    model_sampling (discrete eps / v / zsnr, continuous EDM, flow). The strict lower bound is the paper's t > K;
+    with ComfyUI's percent convention (t = (1 - percent) * 999 on discrete schedules) end 0.6 puts K at t = 399.6,
+    so an integer step at t = 400 is guided, as in the official sampler (t >= K).
     """
-    if start_percent >= end_percent:
-        return False
-    # Rounding removes float noise such as (1 - 0.7) * 1000 = 300.00000000000006.
-    if timestep > round((1.0 - start_percent) * 1000.0, 6):
-        return False
-    return end_percent >= 1.0 or timestep > round((1.0 - end_percent) * 1000.0, 6)
+    return end_sigma < sigma <= start_sigma
+
+
+# ---- spatial control: weight maps ---------------------------------------------------------------------------------
+Weight = float | torch.Tensor  # a scalar weight, or a (B, 1, H, W) map broadcast over the latent's channels
+
+
+def _constant_value(t: torch.Tensor) -> float | None:
+    """The value of a tensor whose elements are all equal, else None."""
+    first = t.reshape(-1)[0]
+    return float(first) if bool((t == first).all()) else None
+
+
+def feather_mask(mask: torch.Tensor, radius: int) -> torch.Tensor:
+    """Soft mask edge about `radius` pixels wide: a Gaussian blur over the last two dims (sigma = radius / 2,
+    kernel 2 * radius + 1, edges replicated so a mask touching the border stays 1 there). Values stay in [0, 1].
+    A constant mask is returned as it is: its blur is itself, and this keeps it exact."""
+    if radius <= 0 or _constant_value(mask) is not None:
+        return mask
+    x = torch.arange(-radius, radius + 1, dtype=torch.float32, device=mask.device)
+    kernel = torch.exp(-0.5 * (x / (radius / 2)) ** 2)
+    kernel = kernel / kernel.sum()
+    m = mask.reshape(-1, 1, *mask.shape[-2:]).float()
+    m = F.conv2d(F.pad(m, (radius, radius, 0, 0), mode="replicate"), kernel.view(1, 1, 1, -1))
+    m = F.conv2d(F.pad(m, (0, 0, radius, radius), mode="replicate"), kernel.view(1, 1, -1, 1))
+    return m.reshape(mask.shape).clamp(0, 1).to(mask.dtype)
+
+
+def weight_map(mask: torch.Tensor, inside: float, outside: float) -> Weight:
+    """w(x) = mask(x) * inside + (1 - mask(x)) * outside, mask in [0, 1].
+
+    A constant mask gives a python float (c * inside + (1 - c) * outside, so exactly `inside` for an all-ones mask
+    and `outside` for an all-zeros one): the mix then is the scalar one, bit for bit."""
+    for name, w in (("inside", inside), ("outside", outside)):
+        if not 0 <= w <= 1:
+            raise ValueError(f"the {name} weight must be in [0, 1], got {w}")
+    c = _constant_value(mask)
+    if c is not None:
+        return c * inside + (1 - c) * outside
+    return mask * inside + (1 - mask) * outside
+
+
+def max_weight_sum(weights: Sequence[Weight]) -> float:
+    """The largest per-pixel sum of the weights (scalars count everywhere)."""
+    total = sum(weights, 0.0)
+    return float(total.max()) if isinstance(total, torch.Tensor) else float(total)
+
+
+def check_weight_sum(weights: Sequence[Weight]) -> None:
+    """ValueError when the weights sum to more than 1 at any pixel (the base model's weight would be negative)."""
+    worst = max_weight_sum(weights)
+    if worst > 1 + _EPS:
+        raise ValueError(f"the fine-tuned weights sum to {worst:.3f} > 1 at some latent pixels, which would give "
+                         "the pretrained conditional a negative weight there")
+
+
+def mix_conditional_maps(cond_edit: torch.Tensor, cond_finetuned: Sequence[torch.Tensor],
+                         weights: Sequence[Weight]) -> torch.Tensor:
+    """Per pixel: (1 - sum_i w_i(x)) * cond_edit + sum_i w_i(x) * cond_ft_i, for the ACTIVE models only.
+
+    Scalar weights only: exactly mix_conditional. Maps are (B, 1, H, W) (broadcast over channels); their sum is
+    checked once, where they are made (check_weight_sum), not at every step."""
+    if len(cond_finetuned) != len(weights):
+        raise ValueError(f"got {len(cond_finetuned)} fine-tuned outputs and {len(weights)} weights; they must match")
+    if not any(isinstance(w, torch.Tensor) for w in weights):
+        return mix_conditional(cond_edit, cond_finetuned, weights, [True] * len(weights))
+    maps = [w.to(cond_edit) if isinstance(w, torch.Tensor) else w for w in weights]
+    out = (1 - sum(maps, 0.0)) * cond_edit
+    for w, c in zip(maps, cond_finetuned):
+        out = out + w * c
+    return out

@@ -22,13 +22,24 @@ class SineAdapter:
     grid_gate: torch.Tensor | None = None     # () learnable grid scale (PatchConfig.grid_gate), else None
     grid_enabled: bool = True                 # sampling-time switch: False = a patch adapter without its grid
     settings: dict = field(default_factory=dict)  # how it was trained, for metadata / the cache key
+    # AdamW's state when training stopped, to continue it: parameter name (named_parameters) ->
+    # {"step", "exp_avg", "exp_avg_sq"} fp32 CPU tensors; None = not kept (a file saved without it)
+    optimizer_state: dict[str, dict[str, torch.Tensor]] | None = None
+    losses: list[float] = field(default_factory=list)  # training loss of each step so far (in memory only)
+
+    def named_parameters(self):
+        """(name, parameter) in a fixed order: "<unet path>.<param>", "text_encoders.<path>.<param>",
+        "grid_gate" (the file's key prefixes)."""
+        for group, prefix in ((self.unet, ""), (self.text_encoder, "text_encoders.")):
+            for path, adapter in group.items():
+                for name, p in adapter.named_parameters():
+                    yield f"{prefix}{path}.{name}", p
+        if self.grid_gate is not None:
+            yield "grid_gate", self.grid_gate
 
     def parameters(self):
-        for group in (self.unet, self.text_encoder):
-            for adapter in group.values():
-                yield from adapter.parameters()
-        if self.grid_gate is not None:
-            yield self.grid_gate
+        for _, p in self.named_parameters():
+            yield p
 
     def requires_grad_(self, flag: bool) -> "SineAdapter":
         for p in self.parameters():

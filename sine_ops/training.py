@@ -3,13 +3,19 @@
 The caller supplies the denoiser (any callable returning ComfyUI-style *denoised* predictions) and a schedule
 object with ComfyUI's `model_sampling` interface; the loss is taken in the model's own output space (ε for
 SD1.x, v for SD2.x-v, ...), with timesteps drawn uniformly over the schedule as in the original code.
+
+A run can stop and continue: step k's randomness comes from `step_generator(seed, k)` (the same whatever step the
+run started at), and `train` takes and reports the AdamW state, so 200 steps + 200 more = 400 steps at once.
 """
 from __future__ import annotations
 
+import hashlib
 import math
+from dataclasses import dataclass, field
 from typing import Callable, Iterable, Protocol
 
 import torch
+import torch.nn.functional as F
 
 from .config import OptimConfig
 
@@ -21,6 +27,8 @@ class Schedule(Protocol):
     def noise_scaling(self, sigma, noise, latent_image, max_denoise=False) -> torch.Tensor: ...
 
     def calculate_denoised(self, sigma, model_output, model_input) -> torch.Tensor: ...
+
+    def timestep(self, sigma) -> torch.Tensor: ...  # t in 0..T-1 (ComfyUI's model_sampling.timestep)
 
 
 class TrainingDiverged(RuntimeError):
@@ -38,14 +46,51 @@ def output_space_scale(schedule: Schedule, sigma: torch.Tensor, like: torch.Tens
     return schedule.calculate_denoised(sigma, ones, torch.zeros_like(like))
 
 
-def denoising_loss(schedule: Schedule, sigma: torch.Tensor, denoised: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
+def weighted_mean(values: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+    """mean(values), or with `weight` (broadcastable to values, e.g. a (1, 1, h, w) mask) the weighted mean
+    sum(w·v) / sum(w). Written as mean(w·v)·(N / sum w), so an all-ones weight gives mean(v) bit for bit."""
+    if weight is None:
+        return values.mean()
+    total = weight.float().expand_as(values).sum()
+    return (values * weight.float()).mean() * (values.numel() / total)
+
+
+def denoising_loss(schedule: Schedule, sigma: torch.Tensor, denoised: torch.Tensor, x0: torch.Tensor,
+                   weight: torch.Tensor | None = None) -> torch.Tensor:
     """MSE between the model output and its training target (ε-MSE for ε models, v-MSE for v models, ...).
 
     Since denoised = a + b·output and the target output is the one that denoises to x0 exactly,
-    output - target = (denoised - x0) / b: no model-specific formula is needed.
+    output - target = (denoised - x0) / b: no model-specific formula is needed. `weight`: a per-pixel loss
+    weight (the user's mask on the latent), None = uniform.
     """
     b = output_space_scale(schedule, sigma, x0)
-    return ((denoised.float() - x0.float()) / b.float()).pow(2).mean()
+    return weighted_mean(((denoised.float() - x0.float()) / b.float()).pow(2), weight)
+
+
+RECON_POOL = 64  # the official L_rec compares 64x64 average-pooled latents (the SD1.x training latent: identity)
+
+
+def reconstruction_loss(schedule: Schedule, sigma: torch.Tensor, denoised: torch.Tensor, x0: torch.Tensor,
+                        weight: torch.Tensor | None = None) -> torch.Tensor:
+    """The official patch configs' L_rec (docs/method.md §2): mean over the batch of
+    (t/T)² · mean|pool(x̂0) - pool(x0)|, with x̂0 the model's denoised prediction (in ComfyUI's σ-space the
+    official (z_t - sqrt(1-ᾱ)ε̂)/sqrt(ᾱ) is exactly `denoised`) and pool = adaptive average pooling to 64x64;
+    a latent side of 64 or less is left as is (pooling to a larger size would only repeat pixels)."""
+    size = (min(RECON_POOL, x0.shape[-2]), min(RECON_POOL, x0.shape[-1]))
+    diff = (F.adaptive_avg_pool2d(denoised.float(), size) - F.adaptive_avg_pool2d(x0.float(), size)).abs()
+    if weight is not None:
+        weight = F.adaptive_avg_pool2d(weight.float(), size).expand(diff.shape[0], -1, -1, -1)
+    t = schedule.timestep(sigma).float().reshape(-1).to(diff.device) / len(schedule.sigmas)
+    per_item = torch.stack([weighted_mean(diff[i:i + 1], None if weight is None else weight[i:i + 1])
+                            for i in range(diff.shape[0])])
+    return (t ** 2 * per_item).mean()
+
+
+def step_generator(seed: int, step: int) -> torch.Generator:
+    """The random stream of training step `step` (0-based) of a run with `seed`: a function of (seed, step)
+    only, so a continued run draws for step k what a run from zero draws for it."""
+    digest = hashlib.sha256(f"sine-step:{seed}:{step}".encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
 
 
 def sample_timesteps(schedule: Schedule, batch: int, generator: torch.Generator) -> torch.Tensor:
@@ -75,18 +120,51 @@ def normal_tensor_view(t: torch.Tensor) -> torch.Tensor:
     return view
 
 
-def train(params: Iterable[torch.nn.Parameter], loss_at_step: Callable[[int], torch.Tensor], config: OptimConfig,
-          on_step: Callable[[int, float], None] = lambda step, loss: None):
-    """Run AdamW for `config.steps` steps; `loss_at_step(i)` builds step i's loss. Returns the loss per step.
+OptimizerState = list  # per trainable parameter, in order: {"step", "exp_avg", "exp_avg_sq"} CPU tensors, or {}
 
-    `on_step(i, loss)` runs after each step (progress, cancel: it may raise to stop). The optimizer's state is
-    freed before returning, also when stopped.
+
+@dataclass
+class TrainProgress:
+    """Where a run stands, kept up to date by `train` (also when it stops early), so a stopped run can be saved
+    and continued: the parameters are at `step` and `optimizer_state` is AdamW's state at that step."""
+    step: int = 0                                        # steps completed in total, earlier runs included
+    losses: list[float] = field(default_factory=list)    # the loss of each step run by this call
+    optimizer_state: OptimizerState | None = None        # filled when train returns or stops
+
+
+def optimizer_snapshot(optimizer: torch.optim.Optimizer, params: list[torch.nn.Parameter]) -> OptimizerState:
+    return [{k: v.detach().cpu().clone() for k, v in optimizer.state.get(p, {}).items()} for p in params]
+
+
+def _load_optimizer_state(optimizer: torch.optim.Optimizer, state: OptimizerState, n_params: int) -> None:
+    if len(state) != n_params:
+        raise ValueError(f"the optimizer state is for {len(state)} parameters, this run trains {n_params}")
+    sd = optimizer.state_dict()
+    # clones: tensors loaded under ComfyUI's inference mode cannot be updated in place outside it
+    optimizer.load_state_dict({"state": {i: {k: v.clone() for k, v in s.items()} for i, s in enumerate(state) if s},
+                               "param_groups": sd["param_groups"]})
+
+
+def train(params: Iterable[torch.nn.Parameter], loss_at_step: Callable[[int], torch.Tensor], config: OptimConfig,
+          on_step: Callable[[int, float], None] = lambda step, loss: None, *, start_step: int = 0,
+          optimizer_state: OptimizerState | None = None, progress: TrainProgress | None = None,
+          on_checkpoint: Callable[[TrainProgress], None] = lambda progress: None):
+    """Run AdamW from step `start_step` to `config.steps` (a total); `loss_at_step(i)` builds step i's loss.
+    Returns the loss of each step run here.
+
+    `optimizer_state` (from an earlier run's TrainProgress) continues that run's AdamW moments. `on_step(i, loss)`
+    runs after each step (progress, cancel: it may raise to stop); `on_checkpoint(progress)` every
+    `config.checkpoint_every` steps, with the optimizer state filled in. `progress` is kept up to date. The
+    optimizer's state is freed before returning, also when stopped.
     """
     params = [p for p in params if p.requires_grad]
+    progress = progress if progress is not None else TrainProgress()
+    progress.step = start_step
     optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
-    losses: list[float] = []
+    if optimizer_state is not None:
+        _load_optimizer_state(optimizer, optimizer_state, len(params))
     try:
-        for step in range(config.steps):
+        for step in range(start_step, config.steps):
             loss = loss_at_step(step)
             value = float(loss.detach())
             if not math.isfinite(value):
@@ -96,10 +174,16 @@ def train(params: Iterable[torch.nn.Parameter], loss_at_step: Callable[[int], to
                 torch.nn.utils.clip_grad_norm_(params, config.clip_grad_norm)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            losses.append(value)
+            progress.losses.append(value)
+            progress.step = step + 1
+            if config.checkpoint_every and progress.step % config.checkpoint_every == 0 and progress.step < config.steps:
+                progress.optimizer_state = optimizer_snapshot(optimizer, params)
+                on_checkpoint(progress)
             on_step(step + 1, value)
     finally:
         optimizer.zero_grad(set_to_none=True)
+        # the parameters are at progress.step (an interrupted step never reached optimizer.step)
+        progress.optimizer_state = optimizer_snapshot(optimizer, params)
         optimizer.state.clear()
         del optimizer
-    return losses
+    return progress.losses

@@ -44,26 +44,78 @@ def crop_pixels(canvas: torch.Tensor, box, patch: PatchConfig) -> torch.Tensor:
     return resize_pixels(canvas[:, top:bottom, left:right], (patch.train_resolution, patch.train_resolution))
 
 
-def training_latents(image: torch.Tensor, encode: Encode, settings: FinetuneSettings, family: str,
-                     patch: PatchConfig | None, generator: torch.Generator,
-                     on_item: Callable[[int, int], None] = lambda done, total: None):
-    """(latents (N, C, h, w) fp32 on the CPU, boxes (N, 4) long or None) for the training loop.
+def latent_mask(mask: torch.Tensor, size_hw: tuple[int, int]) -> torch.Tensor:
+    """(…, H, W) mask -> (1, 1, h, w) loss weight at latent size, resized as ComfyUI resizes a mask to a latent
+    (comfy.sampler_helpers.prepare_mask: bilinear, align_corners False)."""
+    m = mask.float().reshape(-1, 1, *mask.shape[-2:])[:1]
+    return F.interpolate(m, size=size_hw, mode="bilinear")
 
-    Plain mode: N = 1, the whole image. Patch mode (`patch` resolved): a bank of `patch.crop_bank` random crops
-    encoded once and sampled at every step (one VAE encode per step would add its cost to every training step).
-    `on_item(done, total)` runs after each encode (progress; it may raise to cancel).
+
+class BankSampler:
+    """Fixed training items encoded once (the whole image, or a bank of crops); each step draws one."""
+
+    def __init__(self, latents: torch.Tensor, boxes: torch.Tensor | None, masks: torch.Tensor | None):
+        self.latents, self.boxes, self.masks = latents, boxes, masks
+
+    def draw(self, generator: torch.Generator):
+        """(latent (1, C, h, w), box (1, 4) or None, mask (1, 1, h, w) or None) for one step."""
+        idx = int(torch.randint(0, self.latents.shape[0], (1,), generator=generator))
+        pick = lambda t: None if t is None else t[idx:idx + 1]  # noqa: E731
+        return self.latents[idx:idx + 1], pick(self.boxes), pick(self.masks)
+
+
+class FreshCropSampler:
+    """A new random crop, VAE-encoded, at every step: the official code's data pipeline (docs/method.md §3)."""
+
+    def __init__(self, canvas: torch.Tensor, mask_canvas: torch.Tensor | None, patch: PatchConfig, encode: Encode):
+        self.canvas, self.mask_canvas, self.patch, self.encode = canvas, mask_canvas, patch, encode
+
+    def draw(self, generator: torch.Generator):
+        box = _crop_box(generator, self.patch)
+        with torch.no_grad():
+            latent = self.encode(crop_pixels(self.canvas, box, self.patch)).float().cpu()
+        return latent, torch.tensor([box], dtype=torch.long), _crop_mask(self.mask_canvas, box, self.patch, latent)
+
+
+def _crop_box(generator: torch.Generator, patch: PatchConfig):
+    return sample_crop_box(generator, patch.grid_size, patch.min_crop_frac, patch.max_crop_frac,
+                           1.0 - patch.whole_image_prob)
+
+
+def _crop_mask(mask_canvas, box, patch: PatchConfig, latent: torch.Tensor):
+    if mask_canvas is None:
+        return None
+    left, top, right, bottom = box_to_pixels(box, patch.cell_px)
+    return latent_mask(mask_canvas[..., top:bottom, left:right], tuple(latent.shape[-2:]))
+
+
+def training_sampler(image: torch.Tensor, encode: Encode, settings: FinetuneSettings, family: str,
+                     patch: PatchConfig | None, generator: torch.Generator, mask: torch.Tensor | None = None,
+                     on_item: Callable[[int, int], None] = lambda done, total: None):
+    """Where each training step's latent comes from (latents fp32 on the CPU, in the space `encode` returns).
+
+    Plain mode: the whole image, encoded once. Patch mode (`patch` resolved): `patch.crop_bank` = 0 draws and
+    encodes a fresh crop at every step (as the official code); N > 0 encodes a bank of N random crops once and
+    draws from it (saves the per-step VAE encode). `mask` ((1, H, W) in [0, 1], optional) becomes a per-pixel
+    loss weight, cut and resized with the image. `on_item(done, total)` runs after each set-up encode
+    (progress; it may raise to cancel).
     """
     rgb = as_rgb(image).float()
     if patch is None:
         latent = encode(resize_pixels(rgb, train_size(settings, family, *rgb.shape[1:3]))).float().cpu()
         on_item(1, 1)
-        return latent, None
+        return BankSampler(latent, None, None if mask is None else latent_mask(mask, tuple(latent.shape[-2:])))
     canvas = resize_pixels(rgb, (patch.working_size, patch.working_size))
-    boxes, latents = [], []
+    mask_canvas = None if mask is None else latent_mask(mask, (patch.working_size, patch.working_size))
+    if patch.crop_bank == 0:
+        on_item(1, 1)
+        return FreshCropSampler(canvas, mask_canvas, patch, encode)
+    boxes, latents, masks = [], [], []
     for i in range(patch.crop_bank):
-        box = sample_crop_box(generator, patch.grid_size, patch.min_crop_frac, patch.max_crop_frac,
-                              1.0 - patch.whole_image_prob)
+        box = _crop_box(generator, patch)
         latents.append(encode(crop_pixels(canvas, box, patch)).float().cpu())
+        masks.append(_crop_mask(mask_canvas, box, patch, latents[-1]))
         boxes.append(box)
         on_item(i + 1, patch.crop_bank)
-    return torch.cat(latents), torch.tensor(boxes, dtype=torch.long)
+    return BankSampler(torch.cat(latents), torch.tensor(boxes, dtype=torch.long),
+                       None if mask is None else torch.cat(masks))

@@ -118,6 +118,40 @@ def build_sd15_controlnet(path: Path, seed: int) -> None:
     _atomic_save(lambda p: comfy.utils.save_torch_file(sd, p, metadata={"sine_test_fixture": str(seed)}), path)
 
 
+def build_sd15_lora(path: Path, checkpoint: Path, seed: int, rank: int = 4, alpha: float = 2.0) -> None:
+    """A stock-format LoRA for the SD1.5 fixture, in kohya naming (what most LoRA files out there use):
+    `lora_unet_<diffusers name>` on every attention projection, a 3x3 resnet conv (LoCon) and a 1x1 proj_in
+    stored with 2-D factors, and `lora_te_...` on the text encoder's attention. Shapes are read from the checkpoint;
+    random factors scaled so the LoRA visibly changes the output without blowing it up."""
+    import comfy.utils
+    import safetensors
+
+    gen = torch.Generator().manual_seed(seed)
+    unet_names = {f"model.diffusion_model.{comfy_key}": diffusers_key[:-len(".weight")]
+                  for diffusers_key, comfy_key in comfy.utils.unet_to_diffusers(SD15_UNET_CONFIG).items()
+                  if diffusers_key.endswith(".weight")}
+    te_prefix = "cond_stage_model.transformer.text_model.encoder.layers."
+    sd = {}
+    with safetensors.safe_open(str(checkpoint), framework="pt") as f:
+        for key in f.keys():
+            name = unet_names.get(key)
+            if name is not None and (".to_" in name or name.endswith(("down_blocks.0.resnets.0.conv1",
+                                                                        "down_blocks.0.attentions.0.proj_in"))):
+                lora_key, flat = "lora_unet_" + name.replace(".", "_"), name.endswith("proj_in")
+            elif key.startswith(te_prefix) and key.endswith(("self_attn.q_proj.weight", "self_attn.v_proj.weight")):
+                lora_key, flat = "lora_te_text_model_encoder_layers_" + \
+                    key[len(te_prefix):-len(".weight")].replace(".", "_"), False
+            else:
+                continue
+            out_ch, *rest = f.get_slice(key).get_shape()
+            fan_in = math.prod(rest)
+            down = torch.randn(rank, *([fan_in] if flat else rest), generator=gen) / math.sqrt(fan_in)
+            up = torch.randn(out_ch, rank, *([1, 1] if len(rest) == 3 and not flat else []), generator=gen) * 0.5
+            sd.update({f"{lora_key}.lora_down.weight": down.contiguous(), f"{lora_key}.lora_up.weight": up.contiguous(),
+                       f"{lora_key}.alpha": torch.tensor(alpha)})
+    _atomic_save(lambda p: comfy.utils.save_torch_file(sd, p, metadata={"sine_test_fixture": str(seed)}), path)
+
+
 def build_images(source: Path, hint: Path, seed: int, size: tuple[int, int] = (256, 256)) -> None:
     """A colourful source picture (smooth shapes + texture) and an edge-like ControlNet hint, from a seed."""
     rng = np.random.default_rng(seed)
@@ -138,7 +172,7 @@ def build_images(source: Path, hint: Path, seed: int, size: tuple[int, int] = (2
 def ensure_fixtures(models_dir: Path, input_dir: Path, seed: int, comfy_version: str, cache_dir: Path | None = None) -> dict:
     """Build (or reuse from the cache) every fixture and link it into ComfyUI's model/input folders.
 
-    Returns the names ComfyUI's loaders see: {"checkpoint", "controlnet", "source_image", "hint_image"}.
+    Returns the names ComfyUI's loaders see: {"checkpoint", "controlnet", "source_image", "hint_image", "lora"}.
     """
     cache = (cache_dir or default_cache_dir()) / f"comfyui-{comfy_version}-seed{seed}"
     cache.mkdir(parents=True, exist_ok=True)
@@ -151,13 +185,18 @@ def ensure_fixtures(models_dir: Path, input_dir: Path, seed: int, comfy_version:
         build_sd15_controlnet(cnet, seed + 1)
     if not (src.exists() and hint.exists()):
         build_images(src, hint, seed)
-    places = {ckpt: models_dir / "checkpoints", cnet: models_dir / "controlnet", src: input_dir, hint: input_dir}
+    lora = cache / f"sine_test_lora_sd15_seed{seed}.safetensors"
+    if not lora.exists():
+        build_sd15_lora(lora, ckpt, seed + 2)
+    places = {ckpt: models_dir / "checkpoints", cnet: models_dir / "controlnet", src: input_dir, hint: input_dir,
+              lora: models_dir / "loras"}
     for f, folder in places.items():
         folder.mkdir(parents=True, exist_ok=True)
         link = folder / f.name
         if not link.exists():
             link.symlink_to(f)
-    return {"checkpoint": ckpt.name, "controlnet": cnet.name, "source_image": src.name, "hint_image": hint.name}
+    return {"checkpoint": ckpt.name, "controlnet": cnet.name, "source_image": src.name, "hint_image": hint.name,
+            "lora": lora.name}
 
 
 def ensure_sdxl_checkpoint(models_dir: Path, seed: int, comfy_version: str, cache_dir: Path | None = None) -> str:

@@ -1,15 +1,17 @@
 """Real ComfyUI, in process: find it, start it headless, load this pack as a custom node, run workflows.
 
-The bootstrap itself is workflows/headless.py (the pack's headless runner: ONE way to start ComfyUI in process);
-this module adapts it to the tests: a work folder per session, progress recording, cancel at a given step, and
-ComfyUI's errors raised as WorkflowError. Nothing here imitates ComfyUI: workflows go through ComfyUI's own
-`validate_prompt` and `PromptExecutor`, and the pack is loaded by ComfyUI's own `init_extra_nodes` from a
-custom_nodes folder. The only stand-ins are (1) a minimal message sink in place of the aiohttp PromptServer (the
-executor only calls `send_sync` and reads `client_id` / `last_node_id` on it) and (2) an import-only torchvision
-package, used only when no torchvision that works with the installed torch exists (see tests/torchvision_standin).
+The bootstrap and the executor driving are the pack's headless runner (workflows/comfy_runtime.py: ONE way to start
+ComfyUI in process and run prompts); this module adapts it to the tests: a work folder per session, progress
+recording, cancel at a given step, and ComfyUI's errors raised as WorkflowError. Nothing here imitates ComfyUI:
+workflows go through ComfyUI's own `validate_prompt` and `PromptExecutor`, and the pack is loaded by ComfyUI's own
+`init_extra_nodes` from a custom_nodes folder. The only stand-ins are (1) a minimal message sink in place of the
+aiohttp PromptServer (the executor only calls `send_sync` and reads `client_id` / `last_node_id` on it) and (2) an
+import-only torchvision package, used only when no torchvision that works with the installed torch exists (see
+tests/torchvision_standin).
 """
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import sys
 from pathlib import Path
@@ -18,10 +20,8 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 if str(REPO_ROOT / "workflows") not in sys.path:
     sys.path.append(str(REPO_ROOT / "workflows"))
 
-import headless  # noqa: E402
-from headless import MessageSink, RunResult  # noqa: E402,F401  (re-exported: tests import them from here)
-
-PACK_DIR_NAME = headless.PACK_DIR_NAME  # the folder name a user's clone gets under custom_nodes/
+import comfy_runtime  # noqa: E402
+from comfy_runtime import PACK_DIR_NAME, ExecutionError, RunResult, ValidationError  # noqa: E402,F401
 
 SKIP_LINE = ("ComfyUI tier skipped: no ComfyUI at $COMFYUI_PATH or ~/comfy/ComfyUI. To enable it, put a ComfyUI "
              "checkout there (or set COMFYUI_PATH) and rerun `bash tests/run.sh`.")
@@ -29,11 +29,22 @@ SKIP_LINE = ("ComfyUI tier skipped: no ComfyUI at $COMFYUI_PATH or ~/comfy/Comfy
 
 def find_comfyui() -> Path | None:
     """$COMFYUI_PATH first, then ~/comfy/ComfyUI (comfy-cli's default install place)."""
-    return headless.find_comfyui()
+    return comfy_runtime.find_comfyui()
 
 
 class WorkflowError(AssertionError):
     """ComfyUI refused (validation) or failed (execution) a workflow; the message is ComfyUI's own text."""
+
+
+@contextlib.contextmanager
+def comfyui_errors_as_workflow_errors():
+    """The runner's ValidationError / ExecutionError as WorkflowError, with ComfyUI's full data in the message."""
+    try:
+        yield
+    except ValidationError as e:
+        raise WorkflowError(f"ComfyUI validation failed: {e.error}\nnode errors: {e.node_errors}") from None
+    except ExecutionError as e:
+        raise WorkflowError(f"ComfyUI {e.event}: {e.data}") from None
 
 
 class ComfySession:
@@ -42,8 +53,15 @@ class ComfySession:
     def __init__(self, comfy_root: Path, work_dir: Path):
         self.root = comfy_root
         self.work = work_dir
-        self.progress: list[tuple[int, int, str | None]] = []   # (value, total, node id) from comfy.utils.ProgressBar
-        self.interrupt_at: int | None = None  # press ComfyUI's cancel when a progress bar reaches this value
+        # (value, total, node id) of each progress update ComfyUI passed on. Newer ComfyUI throttles them
+        # (comfy/utils.py @ b3be02d6e766a8d3743dcf99cc967118f3ec8e3e, ProgressBar: at most every 100 ms and 0.5 %):
+        # only a bar's first and final updates are certain to be here.
+        self.progress: list[tuple[int, int, str | None]] = []
+        # (value, total, preview) of each progress update that carried a preview image (format, PIL image, size)
+        self.previews: list[tuple[int, int, tuple]] = []
+        # Press ComfyUI's cancel at the first update whose value reaches this (with throttling: maybe a later one,
+        # at the latest the final update, which still runs inside the node).
+        self.interrupt_at: int | None = None
         self._start()
 
     def _start(self):
@@ -61,9 +79,11 @@ class ComfySession:
                 self.interrupt_at = None
                 comfy.model_management.interrupt_current_processing(True)
             comfy.model_management.throw_exception_if_processing_interrupted()
-            self.progress.append((value, total, node_id or self.sink.last_node_id))
+            self.progress.append((value, total, node_id))
+            if preview_image is not None:
+                self.previews.append((value, total, preview_image))
 
-        self.headless = headless.Headless(
+        self.headless = comfy_runtime.Headless(
             self.root, models=self.work / "models", input=self.work / "input", output=self.work / "output",
             temp=self.work / "temp", custom_nodes=self.work / "custom_nodes", extra_sys_path=standin,
             cpu=not torch.cuda.is_available(), model_kinds=("checkpoints", "controlnet", "loras"),
@@ -90,30 +110,23 @@ class ComfySession:
 
     def object_info(self, node_id: str) -> dict:
         """The node definition exactly as the /object_info endpoint serves it to the frontend."""
-        cls = self.nodes.NODE_CLASS_MAPPINGS[node_id]
-        return cls.GET_NODE_INFO_V1() if hasattr(cls, "GET_NODE_INFO_V1") else {"input": cls.INPUT_TYPES()}
+        return self.headless.object_info(node_id)
 
     def validate(self, prompt: dict) -> None:
-        try:
+        with comfyui_errors_as_workflow_errors():
             self.headless.validate(prompt)
-        except headless.ValidationError as e:
-            raise WorkflowError(f"ComfyUI validation failed: {e.error}\nnode errors: {e.node_errors}") from None
 
     def node_output(self, node_id: str, index: int = 0):
         """The Python object a node of the last run produced on output `index` (from the executor's cache)."""
-        return self.executor.caches.outputs.get(node_id)[index][0]
+        return self.headless.runner.cached_outputs(node_id)[index][0]
 
     def run(self, prompt: dict) -> RunResult:
         """Validate then execute an API-format workflow; raises WorkflowError with ComfyUI's error text."""
-        try:
+        with comfyui_errors_as_workflow_errors():
             prompt_id, outputs = self.headless.validate(prompt)
-        except headless.ValidationError as e:
-            raise WorkflowError(f"ComfyUI validation failed: {e.error}\nnode errors: {e.node_errors}") from None
-        self.progress.clear()
-        try:
+            self.progress.clear()
+            self.previews.clear()
             return self.headless.execute(prompt, prompt_id, outputs)
-        except headless.ExecutionError as e:
-            raise WorkflowError(f"ComfyUI {e.event}: {e.data}") from None
 
     def output_path(self, image_entry: dict) -> Path:
         return self.headless.output_path(image_entry)

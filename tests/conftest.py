@@ -1,6 +1,11 @@
-"""Two tiers: pure torch tests (always run) and tests inside real ComfyUI (tests/comfyui/, skipped without it)."""
+"""Two tiers: pure torch tests (always run) and tests inside real ComfyUI (tests/comfyui/, skipped without it).
+
+With SINE_REQUIRE_COMFYUI_TIER=1 (set by .ci/run) the ComfyUI tier is required: no ComfyUI is a usage error before
+any test runs, and a session in which no test of tests/comfyui/ ran fails.
+"""
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -12,6 +17,8 @@ if str(REPO_ROOT) not in sys.path:
     sys.path.append(str(REPO_ROOT))
 
 FIXTURE_SEED = 1234
+TIER_REQUIRED = os.environ.get("SINE_REQUIRE_COMFYUI_TIER") == "1"
+_tier_tests_run: list[str] = []  # node ids of ComfyUI-tier tests that reached their call phase
 
 
 def pytest_report_header(config):
@@ -38,6 +45,28 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "comfyui: runs inside real ComfyUI (skipped when ComfyUI is absent)")
 
 
+def pytest_sessionstart(session):
+    """Required tier, no ComfyUI: stop here with what was looked for (pytest exits with status 4)."""
+    from comfyui_harness import find_comfyui
+    if TIER_REQUIRED and find_comfyui() is None:
+        raise pytest.UsageError(
+            f"SINE_REQUIRE_COMFYUI_TIER=1 but no ComfyUI at $COMFYUI_PATH "
+            f"({os.environ.get('COMFYUI_PATH') or 'not set'}) or ~/comfy/ComfyUI: the ComfyUI tier cannot run. "
+            "Point COMFYUI_PATH at a ComfyUI checkout (.ci/run defaults it to ../shared/comfyui beside the clone).")
+
+
+def pytest_runtest_logreport(report):
+    if report.when == "call" and "comfyui" in report.keywords:
+        _tier_tests_run.append(report.nodeid)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """Required tier, none of its tests ran (all skipped or deselected): the session fails."""
+    if TIER_REQUIRED and not _tier_tests_run and session.exitstatus in (pytest.ExitCode.OK,
+                                                                        pytest.ExitCode.NO_TESTS_COLLECTED):
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
 @pytest.fixture(scope="session")
 def comfy(tmp_path_factory):
     """The headless ComfyUI of this test process, with this pack loaded and test folders for models/input/output."""
@@ -57,7 +86,11 @@ def fixtures(comfy):
 
 
 def pytest_terminal_summary(terminalreporter):
-    """The one line that says the ComfyUI tier was skipped and how to enable it (shown even with -q)."""
+    """The one line that says the ComfyUI tier was skipped and how to enable it, or that a required tier did not
+    run (shown even with -q)."""
     from comfyui_harness import SKIP_LINE, find_comfyui
-    if find_comfyui() is None:
+    if TIER_REQUIRED and not _tier_tests_run:
+        terminalreporter.write_line("FAILED: SINE_REQUIRE_COMFYUI_TIER=1 but no test of tests/comfyui/ ran "
+                                    "(skipped or not selected); the ComfyUI tier is required here.", red=True)
+    elif find_comfyui() is None:
         terminalreporter.write_line(SKIP_LINE)

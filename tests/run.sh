@@ -2,6 +2,7 @@
 # The one test command (README.md): installs what the tests need into .venv-tests and runs them.
 #   bash tests/run.sh [extra pytest args]
 # Pure-torch tier always; the ComfyUI tier too when ComfyUI is found at $COMFYUI_PATH or ~/comfy/ComfyUI.
+# SINE_REQUIRE_COMFYUI_TIER=1 (set by .ci/run): a ComfyUI tier that cannot run or did not run fails the run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}

@@ -57,17 +57,13 @@ def test_invalid_weights(preds):
     mix_conditional(e_c, [e_ft1, None], [0.6, 0.6], [True, False])
 
 
-def test_window_active():
-    start, end = paper_window(400)
-    assert (start, end) == (0.0, 0.6)
-    assert window_active(401, start, end) and window_active(400.5, start, end)
-    assert not window_active(400, start, end) and not window_active(1, start, end)
-    assert window_active(999, start, end) and window_active(999.9, start, end)
-    assert window_active(0, 0.0, 1.0) and window_active(999, 0.0, 1.0)
-    assert not window_active(900, 0.2, 1.0) and window_active(800, 0.2, 1.0)  # upper bound inclusive
-    assert window_active(301, 0.0, 0.7) and not window_active(300, 0.0, 0.7)  # (1 - 0.7) * 1000 is not exactly 300
-    for t in (0, 400, 999):
-        assert not window_active(t, 0.5, 0.5) and not window_active(t, 0.7, 0.3)
-    assert paper_window(500) == (0.0, 0.5)
+def test_window_active_in_sigmas():
+    """end_sigma < sigma <= start_sigma: strict at the low-noise end (the paper's t > K), inclusive at the top."""
+    assert window_active(5.0, 10.0, 1.0) and window_active(10.0, 10.0, 1.0)
+    assert not window_active(1.0, 10.0, 1.0) and not window_active(10.01, 10.0, 1.0)
+    assert window_active(1e-3, 999999999.9, 0.0)       # start 0 / end 1 in ComfyUI's percent_to_sigma
+    assert not window_active(3.0, 3.0, 3.0)            # start == end: empty
+    assert not window_active(3.0, 2.0, 4.0)            # start after end: empty
+    assert paper_window(400) == (0.0, 0.6) and paper_window(500) == (0.0, 0.5)
     with pytest.raises(ValueError):
         paper_window(1001)

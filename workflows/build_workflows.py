@@ -18,7 +18,7 @@ import json
 import sys
 import textwrap
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -29,8 +29,21 @@ import headless  # noqa: E402
 
 CHECKPOINT = "v1-5-pruned-emaonly.safetensors"
 CONTROLNET = "control_v11p_sd15_canny.pth"
-IMAGE = "example.png"  # ComfyUI ships input/example.png: the workflows load without a missing-file error
-EDIT = "photo of a dog wearing a superhero cape"
+# ComfyUI ships input/example.png, so the workflows open without a missing-file error. It is a child's drawing of
+# a girl in a pink dress on a green hill, and the prompts describe that picture (workflows/README.md, "Example").
+IMAGE = "example.png"
+SOURCE = "drawing of a sks girl"
+EDIT = "drawing of a girl wearing a superhero cape"
+# The explanation every workflow shares lives in ONE place; each note points to it with this line.
+SHARED = (f"The settings the SINE workflows share (SINE Finetune, the guidance inputs, what to tune, the "
+          f"example image) are explained in workflows/README.md in this pack's folder "
+          f"(custom_nodes/{headless.PACK_DIR_NAME}/workflows/README.md).")
+EXAMPLE = (f"The defaults fit ComfyUI's example.png (a child's drawing of a girl): source_prompt '{SOURCE}'. "
+           f"For your own image, describe it in both prompts (e.g. 'photo of a sks dog' and 'photo of a dog "
+           f"wearing a superhero cape').")
+
+# Group colours: the frontend's own group palette (LGraphCanvas.node_colors[...].groupcolor).
+BLUE, GREEN, CYAN, PURPLE, YELLOW = "#88A", "#8A8", "#8AA", "#a1309b", "#b58b2a"
 
 
 @dataclass
@@ -44,13 +57,22 @@ class N:
 
 
 @dataclass
+class G:
+    """A group: a titled frame around the nodes of one stage (the frontend moves them with it)."""
+    title: str
+    keys: list[str]
+    color: str
+
+
+@dataclass
 class Workflow:
     name: str
     title: str
     nodes: list[N]
     note: str
+    groups: list[G]
+    zooms: dict[str, list[str]]  # close-up screenshots (tests/comfyui/test_browser.py): file suffix -> group titles
     note_col: int = 0
-    extra: dict = field(default_factory=dict)
 
 
 # ---- the workflows --------------------------------------------------------------------------------------------------
@@ -59,8 +81,7 @@ def _load(col: int = 1) -> list[N]:
             N("image", "LoadImage", {"image": IMAGE}, col, "Image to edit")]
 
 
-def _finetune(key="finetune", image="image", prompt="photo of a sks dog", col=2, title=None, steps=400,
-              patch=None) -> N:
+def _finetune(key="finetune", image="image", prompt=SOURCE, col=2, title=None, steps=400, patch=None) -> N:
     inputs = {"model": ("ckpt", 0), "clip": ("ckpt", 1), "vae": ("ckpt", 2), "image": (image, 0),
               "source_prompt": prompt, "preset": "custom", "steps": steps, "learning_rate": 1e-4, "seed": 0,
               "method": "lora", "lora_rank": 16, "lora_alpha": 16.0, "layers": "attention", "text_encoder": "off"}
@@ -69,9 +90,11 @@ def _finetune(key="finetune", image="image", prompt="photo of a sks dog", col=2,
     return N(key, "SINE_Finetune", inputs, col, title)
 
 
-def _prompts(col: int, edit: str = EDIT) -> list[N]:
+def _prompts(col: int, edit: str = EDIT, size=(512, 512), latent_title=None) -> list[N]:
     return [N("pos", "CLIPTextEncode", {"text": edit, "clip": ("ckpt", 1)}, col, "Edit prompt (base CLIP)"),
-            N("neg", "CLIPTextEncode", {"text": "", "clip": ("ckpt", 1)}, col, "Negative prompt (base CLIP)")]
+            N("neg", "CLIPTextEncode", {"text": "", "clip": ("ckpt", 1)}, col, "Negative prompt (base CLIP)"),
+            N("latent", "EmptyLatentImage", {"width": size[0], "height": size[1], "batch_size": 1}, col,
+              latent_title)]
 
 
 def _sampler(col: int, positive=("pos", 0), negative=("neg", 0)) -> N:
@@ -87,101 +110,84 @@ def _decode_save(col: int, samples=("sample", 0), prefix="sine/edit") -> list[N]
             N("save", "SaveImage", {"images": ("decode", 0), "filename_prefix": prefix}, col + 1)]
 
 
-_GUIDANCE_NOTE = """\
-SINE Guided Sampler (step 2)
-- model = the BASE model from Load Checkpoint, not SINE Finetune's model output; positive/negative = your edit \
-prompt through the BASE CLIP. The fine-tuned side comes in through sine_adapter + source_conditioning.
-- finetuned_weight 0.3 is the weight of the FINE-TUNED model's prediction; the base model (edit prompt) gets \
-0.7 (the paper's v = 0.7). Higher keeps more of the source image, lower follows the edit more.
-- start_percent 0.0 / end_percent 0.6 = the guidance window in noise-level percent: end 0.6 is the paper's \
-K = 400 of 1000 timesteps (the fine-tuned model steers the first, noisy 60%; later steps are plain CFG). It \
-does not depend on sampler, scheduler or step count. Raise end_percent to keep more source detail.
-- steps 50, ddim + ddim_uniform, cfg 7.5: close to the paper (DDIM 100)."""
-
-_TUNE_NOTE = """\
-What to tune
-- The edit ignores the prompt: lower finetuned_weight (0.2) or end_percent (0.5).
-- The subject changes identity: raise finetuned_weight (0.4) or end_percent (0.7), or train more steps.
-- The loss curve should fall and flatten; if it explodes, lower learning_rate.
-- Seeds are 'fixed'. Changing SINE Finetune's seed (or any of its inputs) retrains; changing only the prompt, \
-weight, window or sampler re-samples in seconds."""
-
-_FINETUNE_NOTE = """\
-SINE Finetune (step 1; runs once per image, then cached in memory and in models/sine_cache)
-- source_prompt 'photo of a sks dog': 'sks' is a rare word the model binds to THIS image; replace 'dog' with \
-what your image shows ('painting of a sks castle' for a painting).
-- preset 'custom' uses the inputs shown, which are the LoRA defaults: rank 16 on attention layers, lr 1e-4, \
-400 steps, text encoder off (fits a consumer GPU, minutes). 'paper' = the paper's full fine-tune of UNet + text \
-encoder (lr 1e-6, 800 steps, fp32; about 20 GB VRAM)."""
+def _one_model(name: str, title: str, head: str, specific: str, *, patch: bool = False,
+               size=(512, 512), prefix: str = "sine/edit", controlnet: bool = False) -> Workflow:
+    """The single-image edit: fine-tune -> edit prompt -> (ControlNet) -> SINE Guided Sampler -> save."""
+    nodes = _load()
+    tune_keys = ["ckpt", "image"]
+    if patch:
+        nodes.append(N("patch", "SINE_PatchResolutionConfig", {}, 1))
+        tune_keys.append("patch")
+    nodes += [_finetune(steps=1000 if patch else 400, patch="patch" if patch else None),
+              N("loss", "PreviewImage", {"images": ("finetune", 4)}, 2, "Loss curve"),
+              *_prompts(3, size=size, latent_title="Output size (any aspect ratio)" if patch else None)]
+    tune = G("1  Patch-based fine-tune on the source image" if patch else "1  Fine-tune on the source image",
+             tune_keys + ["finetune", "loss"], BLUE)
+    prompts = G("2  Edit prompt and output size", ["pos", "neg", "latent"], GREEN)
+    groups, col, conditioning = [tune, prompts], 4, (("pos", 0), ("neg", 0))
+    zooms = {"finetune": [tune.title]}
+    if controlnet:
+        nodes += [N("cnet", "ControlNetLoader", {"control_net_name": CONTROLNET}, 4),
+                  N("hint", "LoadImage", {"image": IMAGE}, 4, "ControlNet hint (canny edges of your image)"),
+                  N("apply", "ControlNetApplyAdvanced", {
+                      "positive": ("pos", 0), "negative": ("neg", 0), "control_net": ("cnet", 0),
+                      "image": ("hint", 0), "strength": 1.0, "start_percent": 0.0, "end_percent": 1.0}, 5)]
+        groups.append(G("3  ControlNet on both prompts", ["cnet", "hint", "apply"], CYAN))
+        col, conditioning = 6, (("apply", 0), ("apply", 1))
+        zooms = {"controlnet": [groups[-1].title]}  # its fine-tune and sampler are the first workflow's
+    nodes += [_sampler(col, *conditioning), *_decode_save(col + 1, prefix=prefix)]
+    sampling = G(f"{len(groups) + 1}  SINE sampling", ["sample"], PURPLE)
+    groups += [sampling, G(f"{len(groups) + 2}  Decode & save", ["decode", "save"], YELLOW)]
+    if not controlnet:  # the ControlNet group sits between the prompts and the sampler: too wide for one shot
+        zooms["sampling"] = [prompts.title, sampling.title]
+    return Workflow(name, title, nodes, f"{head}\n\n{specific}\n\n{EXAMPLE}\n\n{SHARED}", groups, zooms)
 
 
 def wf_finetune_and_edit() -> Workflow:
-    nodes = _load() + [
-        _finetune(),
-        N("loss", "PreviewImage", {"images": ("finetune", 4)}, 2, "Loss curve"),
-        *_prompts(3),
-        N("latent", "EmptyLatentImage", {"width": 512, "height": 512, "batch_size": 1}, 3),
-        _sampler(4),
-        *_decode_save(5),
-    ]
-    note = ("SINE: edit ONE image with words (Zhang et al., CVPR 2023)\n\n"
-            "Load your image, write what should change in the edit prompt, queue.\n\n"
-            f"{_FINETUNE_NOTE}\n\n{_GUIDANCE_NOTE}\n- Empty Latent Image: any size (multiple of 8). For sizes or "
-            f"aspect ratios far from the training square, use patch-based fine-tuning (the "
-            f"sine_patch_edit_resolution workflow).\n\n{_TUNE_NOTE}")
-    return Workflow("sine_finetune_and_edit", "SINE: fine-tune on one image, then edit it with a prompt",
-                    nodes, note)
+    return _one_model(
+        "sine_finetune_and_edit", "SINE: fine-tune on one image, then edit it with a prompt",
+        "SINE: edit ONE image with words (Zhang et al., CVPR 2023)",
+        "Load your image, describe it in SINE Finetune's source_prompt, write the edited image in the edit "
+        "prompt, queue. The groups are the stages:\n"
+        "1 SINE Finetune learns the image (LoRA defaults, 400 steps; the loss curve should fall and flatten). It "
+        "trains once per image and settings; later runs reuse it.\n"
+        "2 The edit prompt goes through the BASE CLIP. Empty Latent Image: the output size, any multiple of 8; "
+        "for sizes far from the training square use the sine_patch_edit_resolution workflow.\n"
+        "3 SINE Guided Sampler: model = the BASE model; the fine-tuned one comes in through sine_adapter + "
+        "source_conditioning. finetuned_weight 0.3, window 0.0-0.6: the paper's values.\n"
+        "4 VAE Decode, Save Image (file prefix sine/edit).")
 
 
 def wf_patch_edit_resolution() -> Workflow:
-    nodes = _load() + [
-        N("patch", "SINE_PatchResolutionConfig", {}, 1),
-        _finetune(steps=1000, patch="patch"),
-        N("loss", "PreviewImage", {"images": ("finetune", 4)}, 2, "Loss curve"),
-        *_prompts(3),
-        N("latent", "EmptyLatentImage", {"width": 768, "height": 512, "batch_size": 1}, 3,
-          "Output size (any aspect ratio)"),
-        _sampler(4),
-        *_decode_save(5, prefix="sine/edit_768x512"),
-    ]
-    note = ("SINE with patch-based fine-tuning: render the edit at another size / aspect ratio (here 768x512)\n\n"
-            "SINE Patch Resolution Config turns SINE Finetune into patch-based training: it stretches the image to "
-            "a working canvas (working_size 0 = 1024 for SD1.5, as the paper), trains on random crops of it "
-            "resized to train_resolution (0 = 512), and adds a fixed positional grid (grid_size 128 cells, the "
-            "paper's) after the UNet's first conv, so the model learns WHERE each crop lies. At sampling the whole "
-            "grid is stretched over the latent: any width x height shows the whole image.\n"
-            "- min/max_crop_frac 0.1-1.0: crop sizes (small crops teach detail, large ones layout).\n"
-            "- crop_bank 32: distinct crops encoded once before training (more = more variety, longer set-up).\n"
-            "- interpolation: bilinear for photos, nearest for paintings.\n"
-            "- Patch training wants more steps than whole-image training: 1000 here (LoRA); the paper trains "
-            "10,000 for full fine-tunes. Raise steps if the output loses detail.\n\n"
-            f"{_FINETUNE_NOTE}\n\n{_GUIDANCE_NOTE}\n\n{_TUNE_NOTE}")
-    return Workflow("sine_patch_edit_resolution", "SINE: patch-based fine-tune, edit at 768x512", nodes, note)
+    return _one_model(
+        "sine_patch_edit_resolution", "SINE: patch-based fine-tune, edit at 768x512",
+        "SINE with patch-based fine-tuning: render the edit at another size / aspect ratio (here 768x512)",
+        "SINE Patch Resolution Config turns SINE Finetune into patch-based training: it stretches the image to a "
+        "working canvas (working_size 0 = 1024 for SD1.5, as the paper), trains on random crops of it resized to "
+        "train_resolution (0 = 512), and adds a fixed positional grid (grid_size 128 cells, the paper's) after "
+        "the UNet's first conv, so the model learns WHERE each crop lies. At sampling the whole grid is "
+        "stretched over the latent: any width x height shows the whole image.\n"
+        "- min/max_crop_frac 0.1-1.0: crop sizes (small crops teach detail, large ones layout).\n"
+        "- crop_bank 32: distinct crops encoded once before training (more = more variety, longer set-up).\n"
+        "- interpolation: bilinear for photos, nearest for paintings.\n"
+        "- Patch training wants more steps than whole-image training: 1000 here (LoRA); the paper trains 10,000 "
+        "for full fine-tunes. Raise steps if the output loses detail.\n"
+        "- Output size (Empty Latent Image): 768x512 here; any multiple of 8.",
+        patch=True, size=(768, 512), prefix="sine/edit_768x512")
 
 
 def wf_edit_controlnet() -> Workflow:
-    nodes = _load() + [
-        _finetune(),
-        N("loss", "PreviewImage", {"images": ("finetune", 4)}, 2, "Loss curve"),
-        *_prompts(3),
-        N("cnet", "ControlNetLoader", {"control_net_name": CONTROLNET}, 3),
-        N("hint", "LoadImage", {"image": IMAGE}, 3, "ControlNet hint (canny edges of your image)"),
-        N("apply", "ControlNetApplyAdvanced", {
-            "positive": ("pos", 0), "negative": ("neg", 0), "control_net": ("cnet", 0), "image": ("hint", 0),
-            "strength": 1.0, "start_percent": 0.0, "end_percent": 1.0}, 4),
-        N("latent", "EmptyLatentImage", {"width": 512, "height": 512, "batch_size": 1}, 4),
-        _sampler(5, positive=("apply", 0), negative=("apply", 1)),
-        *_decode_save(6, prefix="sine/edit_controlnet"),
-    ]
-    note = ("SINE + ControlNet: the edit follows the structure of a control image\n\n"
-            "Apply ControlNet (Advanced) goes between the edit/negative prompts and the SINE Guided Sampler, as "
-            "with KSampler. The control also steers the fine-tuned model's rows (one structure for the whole mix).\n"
-            "- ControlNet hint: an edge map of your image for the canny model (a Canny node from the "
-            "preprocessor nodes can make it from the image). Any SD1.5 ControlNet works with its own hint type.\n"
-            "- strength 1.0 / start 0 / end 1: lower strength or end_percent if the control fights the edit.\n"
-            "- The hint is resized to the latent size automatically.\n\n"
-            f"{_FINETUNE_NOTE}\n\n{_GUIDANCE_NOTE}\n\n{_TUNE_NOTE}")
-    return Workflow("sine_edit_controlnet", "SINE edit guided by a ControlNet (canny)", nodes, note)
+    return _one_model(
+        "sine_edit_controlnet", "SINE edit guided by a ControlNet (canny)",
+        "SINE + ControlNet: the edit follows the structure of a control image",
+        "Apply ControlNet (Advanced) goes between the edit/negative prompts and the SINE Guided Sampler, as with "
+        "KSampler. The control also steers the fine-tuned model's rows (one structure for the whole mix).\n"
+        "- ControlNet hint: an edge map of your image for the canny model (a Canny node from the preprocessor "
+        "nodes can make it from the image). It starts on example.png itself, which is not an edge map: replace "
+        "it. Any SD1.5 ControlNet works with its own hint type.\n"
+        "- strength 1.0 / start 0 / end 1: lower strength or end_percent if the control fights the edit.\n"
+        "- The hint is resized to the latent size automatically.",
+        prefix="sine/edit_controlnet", controlnet=True)
 
 
 def wf_two_models_content_style() -> Workflow:
@@ -189,46 +195,122 @@ def wf_two_models_content_style() -> Workflow:
         N("ckpt", "CheckpointLoaderSimple", {"ckpt_name": CHECKPOINT}, 1),
         N("content", "LoadImage", {"image": IMAGE}, 1, "Content image"),
         N("style", "LoadImage", {"image": IMAGE}, 1, "Style image"),
-        _finetune("ft_content", "content", "photo of a sks dog", 2, "SINE Finetune (content)"),
-        _finetune("ft_style", "style", "painting in sks style", 2, "SINE Finetune (style)"),
+        _finetune("ft_content", "content", SOURCE, 2, "SINE Finetune (content)"),
+        _finetune("ft_style", "style", "drawing in sks style", 2, "SINE Finetune (style)"),
+        *_prompts(3, "drawing of a girl"),
         N("add_style", "SINE_AddFinetunedModel", {
             "sine_adapter": ("ft_style", 3), "source_conditioning": ("ft_style", 2), "finetuned_weight": 0.4,
-            "start_percent": 0.0, "end_percent": 0.6}, 3, "Style model (weight 0.4)"),
-        *_prompts(3, "painting of a dog"),
+            "start_percent": 0.0, "end_percent": 0.6}, 4, "Style model (weight 0.4)"),
         N("guider", "SINE_Guider", {
             "model": ("ckpt", 0), "positive": ("pos", 0), "negative": ("neg", 0), "cfg": 7.5,
             "sine_adapter": ("ft_content", 3), "source_conditioning": ("ft_content", 2), "finetuned_weight": 0.4,
             "start_percent": 0.0, "end_percent": 0.6, "extra_models": ("add_style", 0)}, 4,
           "SINE Guider (content weight 0.4)"),
-        N("noise", "RandomNoise", {"noise_seed": 0}, 4),
-        N("ksampler", "KSamplerSelect", {"sampler_name": "ddim"}, 4),
+        N("noise", "RandomNoise", {"noise_seed": 0}, 5),
+        N("ksampler", "KSamplerSelect", {"sampler_name": "ddim"}, 5),
         N("sigmas", "BasicScheduler", {"model": ("ckpt", 0), "scheduler": "ddim_uniform", "steps": 50,
-                                       "denoise": 1.0}, 4),
-        N("latent", "EmptyLatentImage", {"width": 512, "height": 512, "batch_size": 1}, 4),
+                                       "denoise": 1.0}, 5),
         N("run", "SamplerCustomAdvanced", {"noise": ("noise", 0), "guider": ("guider", 0),
                                            "sampler": ("ksampler", 0), "sigmas": ("sigmas", 0),
-                                           "latent_image": ("latent", 0)}, 5),
-        *_decode_save(6, samples=("run", 0), prefix="sine/content_style"),
+                                           "latent_image": ("latent", 0)}, 6),
+        *_decode_save(7, samples=("run", 0), prefix="sine/content_style"),
     ]
+    tune = G("1  Fine-tune on the content and the style image", ["ckpt", "content", "style", "ft_content",
+                                                                  "ft_style"], BLUE)
+    prompts = G("2  Edit prompt and output size", ["pos", "neg", "latent"], GREEN)
+    mix = G("3  SINE guidance: base + content + style", ["add_style", "guider"], PURPLE)
+    groups = [tune, prompts, mix, G("4  Sampling", ["noise", "ksampler", "sigmas", "run"], CYAN),
+              G("5  Decode & save", ["decode", "save"], YELLOW)]
     note = ("SINE with two fine-tuned models: content from one image, style from another (paper section 5)\n\n"
-            "Each image gets its own SINE Finetune: the content image with 'photo of a sks dog', the style image "
-            "with 'painting in sks style'. The SINE Guider mixes, during its window, the base model (edit prompt "
-            "'painting of a dog') with BOTH fine-tuned models:\n"
+            "Each image gets its own SINE Finetune with its own caption. The SINE Guider mixes, during its "
+            "window, the base model (edit prompt) with BOTH fine-tuned models:\n"
             "- SINE Guider finetuned_weight 0.4 = weight of the CONTENT model (its own sine_adapter input).\n"
             "- SINE Add Fine-tuned Model finetuned_weight 0.4 = weight of the STYLE model; it reaches the guider "
             "through extra_models. Chain more Add nodes for more models.\n"
             "- The base model gets 1 - 0.4 - 0.4 = 0.2; the weights must sum to at most 1.\n"
             "- Each model has its own window (start/end_percent; end 0.6 = paper K = 400).\n"
             "- SINE Guider is a GUIDER for SamplerCustomAdvanced: any noise, sampler (ddim here) and sigmas "
-            "(BasicScheduler ddim_uniform, 50 steps). model of the guider and the scheduler = the BASE model.\n\n"
-            "What to tune: more style -> raise the style weight (and lower content); more content identity -> the "
-            "other way round. Train both with the LoRA defaults (preset custom, 400 steps). Add a Preview Image "
-            "on each loss_curve output to watch training.")
-    return Workflow("sine_two_models_content_style", "SINE: content from one image, style from another", nodes, note)
+            "(BasicScheduler ddim_uniform, 50 steps). model of the guider and the scheduler = the BASE model.\n"
+            "- More style: raise the style weight (and lower content); more content identity: the other way "
+            "round. Add a Preview Image on each loss_curve output to watch training.\n\n"
+            f"Both Load Image nodes start on ComfyUI's example.png (a child's drawing of a girl), so both models "
+            f"learn the same picture: captions '{SOURCE}' and 'drawing in sks style', edit prompt 'drawing of a "
+            f"girl'. Load a photo as content and a painting as style, and caption them (e.g. 'photo of a sks dog', "
+            f"'painting in sks style', edit 'painting of a dog').\n\n{SHARED}")
+    return Workflow("sine_two_models_content_style", "SINE: content from one image, style from another", nodes, note,
+                    groups, {"finetune": [tune.title], "guidance": [prompts.title, mix.title]})
+
+
+def wf_masked_edit() -> Workflow:
+    nodes = [*_load(), _finetune(), N("loss", "PreviewImage", {"images": ("finetune", 4)}, 2, "Loss curve"),
+             *_prompts(3),
+             N("mask_bg", "SolidMask", {"value": 0.0, "width": 512, "height": 512}, 4, "Edit everywhere..."),
+             N("mask_keep", "SolidMask", {"value": 1.0, "width": 256, "height": 512}, 4, "...but keep the left half"),
+             N("mask", "MaskComposite", {"destination": ("mask_bg", 0), "source": ("mask_keep", 0), "x": 0, "y": 0,
+                                         "operation": "add"}, 4, "Region to keep (white)")]
+    sampler = _sampler(5)
+    sampler.inputs.update(mask=("mask", 0), finetuned_weight=0.8, outside_weight=0.1, mask_feather=2)
+    sampler.title = "SINE Guided Sampler (0.8 inside the mask, 0.1 outside)"
+    nodes += [sampler, *_decode_save(6, prefix="sine/masked_edit")]
+    tune = G("1  Fine-tune on the source image", ["ckpt", "image", "finetune", "loss"], BLUE)
+    prompts = G("2  Edit prompt and output size", ["pos", "neg", "latent"], GREEN)
+    region = G("3  Where to keep the source", ["mask_bg", "mask_keep", "mask"], CYAN)
+    sampling = G("4  SINE sampling with a weight map", ["sample"], PURPLE)
+    groups = [tune, prompts, region, sampling, G("5  Decode & save", ["decode", "save"], YELLOW)]
+    note = ("SINE masked edit: keep one region of the source image, edit the rest\n\n"
+            "A MASK on the SINE Guided Sampler turns the fine-tuned model's weight into a map: finetuned_weight "
+            "inside the mask (white), outside_weight outside. Where the weight is high the fine-tuned model (the "
+            "source image) steers the high-noise steps, so that region keeps its layout and look; where it is low "
+            "the edit prompt is free.\n"
+            "- Here: 0.8 inside (keep), 0.1 outside (edit). The mask is the left half of the canvas, built from two "
+            "Solid Mask nodes. For your image, paint the region to keep on Load Image (right-click > Open in "
+            "MaskEditor) and connect Load Image's MASK output instead, or use any mask node.\n"
+            "- mask_feather 2: the edge blends over about 2 latent pixels (16 image pixels); 0 = a hard edge.\n"
+            "- The mask is resized to the latent like a latent noise mask; any output size works.\n"
+            "- The weights only act in the window (start/end_percent, paper 0.0-0.6); the last steps are plain "
+            "CFG everywhere, so fine detail inside the kept region can still change. To freeze a region EXACTLY "
+            "(pixels of an encoded image), add Set Latent Noise Mask on an encoded latent: both work together.\n"
+            "- Several models: each SINE Add Fine-tuned Model has its own mask; all weights must sum to at most 1 "
+            f"at every pixel (the sampler says where they do not).\n\n{EXAMPLE}\n\n{SHARED}")
+    return Workflow("sine_masked_edit", "SINE: keep a region of the source, edit the rest", nodes, note, groups,
+                    {"mask": [region.title, sampling.title]})
+
+
+LORA_FILE = "your_character_lora.safetensors"  # a placeholder: pick your own LoRA in the node
+
+
+def wf_lora_as_finetuned() -> Workflow:
+    nodes = [N("ckpt", "CheckpointLoaderSimple", {"ckpt_name": CHECKPOINT}, 1),
+             N("lora", "SINE_LoraAsAdapter", {"model": ("ckpt", 0), "clip": ("ckpt", 1), "lora_name": LORA_FILE,
+                                              "source_prompt": "photo of sks person", "strength": 1.0}, 2),
+             *_prompts(3, "photo of a person wearing a superhero cape")]
+    sampler = _sampler(4)
+    sampler.inputs.update(sine_adapter=("lora", 3), source_conditioning=("lora", 2), finetuned_weight=0.4)
+    nodes += [sampler, *_decode_save(5, prefix="sine/lora_edit")]
+    source = G("1  Your LoRA as the fine-tuned model", ["ckpt", "lora"], BLUE)
+    prompts = G("2  Edit prompt and output size", ["pos", "neg", "latent"], GREEN)
+    sampling = G("3  SINE sampling", ["sample"], PURPLE)
+    groups = [source, prompts, sampling, G("4  Decode & save", ["decode", "save"], YELLOW)]
+    note = ("SINE with a LoRA you already have (DreamBooth, character LoRA) as the fine-tuned model\n\n"
+            "No training here: SINE LoRA as Fine-tuned Model reads a LoRA from models/loras and gives the same "
+            "outputs as SINE Finetune (model, clip, source_conditioning, sine_adapter).\n"
+            f"- lora_name: '{LORA_FILE}' is a placeholder; pick your LoRA. Plain LoRA in kohya, diffusers or "
+            "ComfyUI naming, UNet and optional text-encoder parts, any rank; made for the loaded checkpoint. "
+            "LoHa, LoKr, DoRA and similar are refused (use them with the stock LoraLoader).\n"
+            "- source_prompt: the LoRA's trigger prompt (e.g. 'photo of sks person').\n"
+            "- strength: as LoraLoader's (1 = as trained).\n"
+            "- What to expect: a LoRA trained on many images carries an IDENTITY (who or what), not the layout of "
+            "one picture. The guided sampler then draws the edit prompt with that identity during the window; it "
+            "does not reproduce a particular photo. For one image's layout, fine-tune on that image with SINE "
+            "Finetune.\n"
+            "- finetuned_weight 0.4: higher = more of the LoRA's subject, lower = more of the edit prompt.\n\n"
+            f"{SHARED}")
+    return Workflow("sine_lora_as_finetuned", "SINE: a stock LoRA as the fine-tuned model", nodes, note, groups,
+                    {"lora": [source.title, prompts.title]})
 
 
 WORKFLOWS: list[Callable[[], Workflow]] = [wf_finetune_and_edit, wf_patch_edit_resolution, wf_edit_controlnet,
-                                           wf_two_models_content_style]
+                                           wf_two_models_content_style, wf_masked_edit, wf_lora_as_finetuned]
 
 
 # ---- building both formats ------------------------------------------------------------------------------------------
@@ -236,6 +318,8 @@ COL_GAP, ROW_GAP, TITLE_H, SLOT_H, WIDGET_H = 70, 40, 30, 22, 24
 WIDTHS = {"CLIPTextEncode": 400, "SINE_Finetune": 360, "SINE_GuidedSampler": 340, "SINE_Guider": 340,
           "SINE_AddFinetunedModel": 330, "SINE_PatchResolutionConfig": 330, "SaveImage": 420, "PreviewImage": 360,
           "Note": 460}
+GROUP_FONT, GROUP_PAD = 40, 16  # group title font (the frontend's default is 24: too small in the overview)
+GROUP_TITLE_H = round(GROUP_FONT * 1.4)  # the frontend's group title bar: font_size * 1.4 (LGraphGroup.titleHeight)
 SINE_COLOR = {"color": "#223", "bgcolor": "#335"}
 NOTE_COLOR = {"color": "#432", "bgcolor": "#653"}
 
@@ -265,6 +349,42 @@ def _node_size(kind: str, info: dict, n_widgets: int) -> list[int]:
 def _note_size(text: str) -> list[int]:
     lines = sum(max(1, len(textwrap.wrap(p, 62))) for p in text.split("\n"))
     return [WIDTHS["Note"], 40 + lines * 17]
+
+
+def _groups(wf: Workflow, boxes: dict[str, list[int]]) -> list[dict]:
+    """The UI groups: each frames its nodes (title bar included) with GROUP_PAD around and its own title bar above.
+
+    Checked here: every node's centre lies in its own group only and the note's in none (the frontend's rule for
+    which nodes a group holds), and no two groups overlap."""
+    def rect(key):  # the frontend's node boundingRect: the title bar above pos, then the body
+        x, y, w, h = boxes[key]
+        return [x, y - TITLE_H, w, h + TITLE_H]
+
+    out, member = [], {}
+    for i, g in enumerate(wf.groups, 1):
+        rects = [rect(k) for k in g.keys]
+        x0 = min(r[0] for r in rects) - GROUP_PAD
+        y0 = min(r[1] for r in rects) - GROUP_PAD - GROUP_TITLE_H
+        x1 = max(r[0] + r[2] for r in rects) + GROUP_PAD
+        y1 = max(r[1] + r[3] for r in rects) + GROUP_PAD
+        out.append({"id": i, "title": g.title, "bounding": [x0, y0, x1 - x0, y1 - y0], "color": g.color,
+                    "font_size": GROUP_FONT, "flags": {}})
+        member.update({k: g.title for k in g.keys})
+
+    def inside(b, x, y):
+        return b[0] <= x <= b[0] + b[2] and b[1] <= y <= b[1] + b[3]
+    for key in boxes:
+        x, y, w, h = rect(key)
+        holders = [g["title"] for g in out if inside(g["bounding"], x + w / 2, y + h / 2)]
+        expected = [member[key]] if key in member else []
+        if holders != expected:
+            raise ValueError(f"{wf.name}: node {key} lies in group(s) {holders}, not in {expected}")
+    for a in out:
+        for b in out[a["id"]:]:
+            (ax, ay, aw, ah), (bx, by, bw, bh) = a["bounding"], b["bounding"]
+            if ax < bx + bw and bx < ax + aw and ay < by + bh and by < ay + ah:
+                raise ValueError(f"{wf.name}: groups {a['title']!r} and {b['title']!r} overlap")
+    return out
 
 
 def build(wf: Workflow, object_info: Callable[[str], dict]) -> tuple[dict, dict]:
@@ -355,6 +475,7 @@ def build(wf: Workflow, object_info: Callable[[str], dict]) -> tuple[dict, dict]
     for n in wf.nodes:
         pos[n.key] = [col_x[n.col], col_y[n.col]]
         col_y[n.col] += sizes[n.key][1] + TITLE_H + ROW_GAP
+    groups = _groups(wf, {k: [*pos[k], *sizes[k]] for k in sizes} | {"__note__": [*pos["__note__"], *note_size]})
 
     for n in wf.nodes:
         info = infos[n.key]
@@ -375,8 +496,9 @@ def build(wf: Workflow, object_info: Callable[[str], dict]) -> tuple[dict, dict]
                      "order": len(wf.nodes), "mode": 0, "inputs": [], "outputs": [], "title": "Read me: key settings",
                      "properties": {}, "widgets_values": [wf.note], **NOTE_COLOR})
     ui = {"id": str(uuid.uuid5(uuid.NAMESPACE_URL, f"sine-edit/workflows/{wf.name}")), "revision": 0,
-          "last_node_id": note_id, "last_link_id": link_id, "nodes": ui_nodes, "links": links, "groups": [],
-          "config": {}, "extra": {"ds": {"scale": 0.7, "offset": [60, 80]}, "sine_edit": {"title": wf.title}},
+          "last_node_id": note_id, "last_link_id": link_id, "nodes": ui_nodes, "links": links, "groups": groups,
+          "config": {}, "extra": {"ds": {"scale": 0.7, "offset": [60, 80 - min(g["bounding"][1] for g in groups)]},
+                                  "sine_edit": {"title": wf.title}},
           "version": 0.4}
     return ui, api
 
@@ -398,7 +520,7 @@ def dumps(data: dict) -> str:
 # ---- thumbnails -----------------------------------------------------------------------------------------------------
 def render_thumbnail(ui: dict, title: str, path: Path, display: Callable[[str], str] = lambda t: t,
                      size=(960, 540)) -> None:
-    """A drawing of the graph: node boxes with titles, links as curves with arrowheads (PIL only)."""
+    """A drawing of the graph: stage groups, node boxes with titles, links as curves with arrowheads (PIL only)."""
     from PIL import Image, ImageDraw, ImageFont
 
     def font(px):
@@ -412,10 +534,10 @@ def render_thumbnail(ui: dict, title: str, path: Path, display: Callable[[str], 
     d = ImageDraw.Draw(img)
     d.text((20, 14), title, fill=(235, 235, 235), font=font(24))
     nodes = {n["id"]: n for n in ui["nodes"] if n["type"] != "Note"}  # the graph, not the read-me
-    x0 = min(n["pos"][0] for n in nodes.values())
-    y0 = min(n["pos"][1] - TITLE_H for n in nodes.values())
-    x1 = max(n["pos"][0] + n["size"][0] for n in nodes.values())
-    y1 = max(n["pos"][1] + n["size"][1] for n in nodes.values())
+    boxes = [[n["pos"][0], n["pos"][1] - TITLE_H, n["size"][0], n["size"][1] + TITLE_H] for n in nodes.values()]
+    boxes += [g["bounding"] for g in ui["groups"]]
+    x0, y0 = min(b[0] for b in boxes), min(b[1] for b in boxes)
+    x1, y1 = max(b[0] + b[2] for b in boxes), max(b[1] + b[3] for b in boxes)
     top, pad = 56, 18
     s = min((W - 2 * pad) / (x1 - x0), (H - top - pad) / (y1 - y0))
     ox = pad + ((W - 2 * pad) - (x1 - x0) * s) / 2
@@ -426,6 +548,17 @@ def render_thumbnail(ui: dict, title: str, path: Path, display: Callable[[str], 
 
     def slot_y(node, i):
         return node["pos"][1] + 14 + i * SLOT_H
+
+    group_font = font(15)
+    for g in ui["groups"]:  # as the frontend draws them: a translucent frame with a title bar of its colour
+        x, y, w, h = g["bounding"]
+        rgb = _rgb(g["color"])
+        (gx, gy), (gx1, gy1) = P(x, y), P(x + w, y + h)
+        d.rectangle([gx, gy, gx1, gy1], fill=tuple(int(0.25 * c + 0.75 * b) for c, b in zip(rgb, (32, 33, 36))),
+                    outline=rgb)
+        bar = max(20, GROUP_TITLE_H * s)
+        d.rectangle([gx, gy, gx1, gy + bar], fill=tuple(int(0.6 * c) for c in rgb))
+        d.text((gx + 5, gy + 3), _fit(d, g["title"], group_font, gx1 - gx - 8), fill=(250, 250, 250), font=group_font)
 
     for _, src, src_slot, dst, dst_slot, _t in ui["links"]:
         if src not in nodes or dst not in nodes:
@@ -463,6 +596,14 @@ def render_thumbnail(ui: dict, title: str, path: Path, display: Callable[[str], 
             d.text((nx + 5, yy), _fit(d, str(v), body_font, mx - nx - 8), fill=(200, 200, 200), font=body_font)
             yy += 13
     img.save(path, "JPEG", quality=88)
+
+
+def _rgb(color: str) -> tuple[int, int, int]:
+    """'#8A8' or '#a1309b' -> (r, g, b)."""
+    h = color.lstrip("#")
+    if len(h) == 3:
+        h = "".join(c * 2 for c in h)
+    return tuple(int(h[i:i + 2], 16) for i in (0, 2, 4))
 
 
 def _fit(draw, text: str, font, width: float) -> str:

@@ -1,17 +1,26 @@
-"""The four UI workflows in a real browser: ComfyUI's server + its own frontend, opened in headless Chromium.
+"""The UI workflows (workflows/*.json) in a real browser: ComfyUI's server + its own frontend, in headless Chromium.
 
-- ComfyUI's real server (`main.py`, a subprocess on a free localhost port) serves the frontend from its pip
-  package (comfyui-frontend-package) and loads this pack from a custom_nodes folder that links to the repo, as a
-  user's install does. Model folders (an extra_model_paths.yaml) hold the random-weight fixtures under the file
-  names the workflows use, so every model/image choice in them exists; nothing is queued.
+- ComfyUI's real server (`main.py`, a subprocess on a free localhost port) loads this pack from a custom_nodes
+  folder that links to the repo, as a user's install does. Model folders (an extra_model_paths.yaml) hold the
+  random-weight fixtures under the file names the workflows use, so every model/image choice in them exists;
+  nothing is queued.
+- Two frontends, the same checks (the tests are parametrised over them): the one this ComfyUI pins (its pip
+  package comfyui-frontend-package, installed by tests/run.sh) and NEWEST_FRONTEND, the newest release on PyPI
+  when this was written, served with ComfyUI's `--front-end-root` flag from a `pip install --target` folder in the
+  test cache (.sine_test_cache/, installed on first use; skipped with one line where pip cannot get it). Users
+  run ComfyUI with newer frontends than it pins; workflows/README.md records where the newest one differs.
 - Each workflows/*.json is loaded into the canvas with the frontend's own `app.loadGraphData` (what a drag-and-
-  drop or the template browser does). Checked: no dialog (missing nodes, missing models, load error) and no toast
-  (workflow validation, link fixes); every node's type is registered and no node is marked with errors; every
-  widget keeps the value saved in the file (so the frontend lays the widgets out as the file expects) and every
-  combo value is one of its choices; the prompt the frontend would queue (`app.graphToPrompt`) is exactly the
-  workflow's API twin in workflows/api/; no console error or exception while loading.
-- A screenshot of each (a 1280x800 window at pixel ratio 2, whole graph in view) is written to
-  workflows/screenshots/<name>.png (workflows/README.md shows them).
+  drop or the template browser does). Checked: the page runs the expected frontend version; no dialog (missing
+  nodes, missing models, load error) and no toast (workflow validation, link fixes); every node's type is
+  registered and no node is marked with errors; every widget keeps the value saved in the file (so the frontend
+  lays the widgets out as the file expects) and every combo value is one of its choices; the groups keep their
+  title and frame and each holds the nodes of its stage (the frontend's own membership); the prompt the frontend
+  would queue (`app.graphToPrompt`) is exactly the workflow's API twin in workflows/api/; no console error or
+  exception while loading.
+- Screenshots, with the pinned frontend only (workflows/README.md shows them), in workflows/screenshots/:
+  <name>.png, the whole workflow, and <name>_<part>.png, close-ups of the groups build_workflows.py names for each
+  workflow (Workflow.zooms) at canvas zoom 1, framed so a README ~800 px wide shows their widget text at a
+  legible size. Rendered at pixel ratio 2 and cut to the graph (no menus).
 
 Chromium is Debian's `chromium` package (/usr/bin/chromium or `chromium` on PATH), run headless with background
 networking, component updates and sync disabled (no internet needed), driven over the DevTools protocol with
@@ -35,14 +44,23 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from comfyui_fixtures import default_cache_dir
 from comfyui_harness import PACK_DIR_NAME, REPO_ROOT, SKIP_LINE, find_comfyui
+
+import build_workflows  # noqa: E402  (workflows/ is on sys.path through comfyui_harness)
 
 WORKFLOWS_DIR = REPO_ROOT / "workflows"
 SCREENSHOTS_DIR = WORKFLOWS_DIR / "screenshots"
 NAMES = sorted(p.stem for p in WORKFLOWS_DIR.glob("*.json"))
+ZOOMS = {wf.name: wf.zooms for wf in (make() for make in build_workflows.WORKFLOWS)}
 VIEWPORT = (1280, 800)  # CSS pixels of the page
-PIXEL_RATIO = 2  # screenshots at 2560x1600: the whole graph in view with legible text when opened full size
+PIXEL_RATIO = 2  # device pixels per CSS pixel: screenshots stay sharp when opened full size
+FREE_AREA = (56, 96, 16, 72)  # CSS px of the page the frontend's side bar, top bars and bottom toolbar cover
+MARGIN = 24  # graph units of canvas around a screenshot's nodes and groups
 SERVER_START_TIMEOUT = 300  # s; ComfyUI imports torch and every node module, slow on a loaded CPU machine
+# The newest comfyui-frontend-package on PyPI when checked (`pip index versions comfyui-frontend-package`,
+# 2026-11-26); ComfyUI 0.3.64 pins 1.27.10.
+NEWEST_FRONTEND = "1.58.1"
 
 
 def find_chromium() -> str | None:
@@ -133,10 +151,46 @@ def stop(proc: subprocess.Popen) -> None:
             proc.wait(timeout=20)
 
 
+# ---- the frontends -----------------------------------------------------------------------------------------------
+def pinned_frontend_version(comfy_root: Path) -> str:
+    """The comfyui-frontend-package version this ComfyUI's requirements.txt pins (what its server serves)."""
+    for line in (comfy_root / "requirements.txt").read_text(encoding="utf-8").splitlines():
+        if line.strip().startswith("comfyui-frontend-package=="):
+            return line.split("==", 1)[1].strip()
+    pytest.fail(f"{comfy_root / 'requirements.txt'} pins no comfyui-frontend-package version")
+
+
+def newest_frontend_root() -> Path:
+    """NEWEST_FRONTEND's static folder (the --front-end-root), pip-installed into the test cache on first use."""
+    target = default_cache_dir() / f"comfyui-frontend-package-{NEWEST_FRONTEND}"
+    static = target / "comfyui_frontend_package" / "static"
+    if not (static / "index.html").is_file():
+        partial = target.with_name(target.name + ".partial")
+        shutil.rmtree(partial, ignore_errors=True)
+        done = subprocess.run([sys.executable, "-m", "pip", "install", "--disable-pip-version-check", "-q",
+                               "--no-deps", "--target", str(partial), f"comfyui-frontend-package=={NEWEST_FRONTEND}"],
+                              capture_output=True, text=True)
+        if done.returncode != 0:
+            pytest.skip(f"Newest-frontend check skipped: pip could not install comfyui-frontend-package=="
+                        f"{NEWEST_FRONTEND}: {(done.stderr or done.stdout).strip().splitlines()[-1:]}")
+        shutil.rmtree(target, ignore_errors=True)
+        partial.rename(target)
+    return static
+
+
+@pytest.fixture(scope="module", params=["pinned", "newest"])
+def frontend(request, comfy):
+    """{"kind", "version", "root"}: the frontend the server serves (root None = its installed pip package)."""
+    if request.param == "pinned":
+        return {"kind": "pinned", "version": pinned_frontend_version(comfy.root), "root": None}
+    return {"kind": "newest", "version": NEWEST_FRONTEND, "root": newest_frontend_root()}
+
+
 # ---- ComfyUI's server --------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def server(comfy, fixtures, tmp_path_factory):
-    """ComfyUI's real web server with this pack, in a scratch base directory; yields its base URL; always stopped."""
+def server(comfy, fixtures, frontend, tmp_path_factory):
+    """ComfyUI's real web server with this pack and `frontend`, in a scratch base directory; yields its base URL and
+    the frontend; always stopped."""
     base = tmp_path_factory.mktemp("browser_comfyui")
     for sub in ("custom_nodes", "input", "output", "temp", "user/default"):
         (base / sub).mkdir(parents=True, exist_ok=True)
@@ -144,7 +198,8 @@ def server(comfy, fixtures, tmp_path_factory):
 
     # The fixtures under the names the workflows select, so the loaders list exactly those files.
     fixture_files = {"checkpoints": comfy.work / "models" / "checkpoints" / fixtures["checkpoint"],
-                     "controlnet": comfy.work / "models" / "controlnet" / fixtures["controlnet"]}
+                     "controlnet": comfy.work / "models" / "controlnet" / fixtures["controlnet"],
+                     "loras": comfy.work / "models" / "loras" / fixtures["lora"]}
     shipped_example = comfy.root / "input" / "example.png"  # ComfyUI ships it; the workflows' default image
     image = shipped_example if shipped_example.is_file() else comfy.work / "input" / fixtures["source_image"]
     models = base / "fixture_models"
@@ -175,13 +230,15 @@ def server(comfy, fixtures, tmp_path_factory):
     cmd = [sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port), "--disable-auto-launch",
            "--disable-api-nodes", "--base-directory", str(base), "--extra-model-paths-config", str(extra_paths),
            "--database-url", "sqlite:///:memory:"]
+    if frontend["root"] is not None:
+        cmd += ["--front-end-root", str(frontend["root"])]
     with open(log, "wb") as log_file:
         proc = subprocess.Popen(cmd, cwd=comfy.root, env=env, stdin=subprocess.DEVNULL, stdout=log_file,
                                 stderr=subprocess.STDOUT)
     try:
         url = f"http://127.0.0.1:{port}"
         wait_for_url(url + "/", proc, SERVER_START_TIMEOUT, log, "ComfyUI's server")
-        yield {"url": url, "log": log}
+        yield {"url": url, "log": log, "frontend": frontend}
     finally:
         stop(proc)
 
@@ -303,8 +360,7 @@ def browser(tmp_path_factory):
         client = DevTools(pages[0]["webSocketDebuggerUrl"])
         client.call("Page.enable")
         client.call("Runtime.enable")
-        client.call("Emulation.setDeviceMetricsOverride", width=width, height=height, deviceScaleFactor=PIXEL_RATIO,
-                    mobile=False)
+        emulate_window(client, width, height)
         yield client
     finally:
         if client is not None:
@@ -334,37 +390,82 @@ INSPECT_JS = """(() => {
       options: Array.isArray(w.options && w.options.values) ? w.options.values : null,
     })),
   }));
+  const groups = graph.groups.map((g) => {
+    g.recomputeInsideNodes();  // the frontend's own rule for which nodes a group holds (moves with it)
+    return { title: g.title, nodes: g.nodes.map((n) => n.id).sort((a, b) => a - b) };
+  });
   return {
+    version: window.__COMFYUI_FRONTEND_VERSION__,
     nodes,
+    groups,
     serialized: graph.serialize(),
     dialogs: [...document.querySelectorAll('.p-dialog')].filter(visible).map(text),
     toasts: [...document.querySelectorAll('.p-toast-message')].filter(visible).map(text),
   };
 })()"""
 
+# The canvas rectangle [x0, y0, x1, y1] (graph units) of the groups with the given titles, or with none given, of
+# every node and group, as the frontend lays them out; and how many of the titles it found.
+BOUNDS_JS = """((titles) => {
+  const graph = window.app.graph;
+  const groups = graph.groups.filter((g) => !titles.length || titles.includes(g.title));
+  const rects = groups.map((g) => [...g.boundingRect]);
+  if (!titles.length) rects.push(...graph._nodes.map((n) => [...n.boundingRect]));
+  return {
+    found: groups.length,
+    rect: [Math.min(...rects.map((r) => r[0])), Math.min(...rects.map((r) => r[1])),
+           Math.max(...rects.map((r) => r[0] + r[2])), Math.max(...rects.map((r) => r[1] + r[3]))],
+  };
+})"""
 
-# Zoom and pan so that every node fits the canvas area left free by the side bar, the menu/tab bars and the
-# bottom toolbar (the frontend's own Fit View leaves most of a small window empty).
-FIT_VIEW_JS = """(() => {
+# Zoom and pan so that graph point (x, y) is at page point (left, top).
+PLACE_JS = """((x, y, scale, left, top) => {
   const canvas = window.app.canvas;
-  let x0 = Infinity, y0 = Infinity, x1 = -Infinity, y1 = -Infinity;
-  for (const n of window.app.graph._nodes) {
-    const [x, y, w, h] = n.boundingRect;
-    x0 = Math.min(x0, x); y0 = Math.min(y0, y); x1 = Math.max(x1, x + w); y1 = Math.max(y1, y + h);
-  }
-  const [left, top, right, bottom] = [56, 96, 16, 72];
-  const width = canvas.canvas.clientWidth - left - right, height = canvas.canvas.clientHeight - top - bottom;
-  const scale = Math.min(width / (x1 - x0), height / (y1 - y0));
   canvas.ds.scale = scale;
-  canvas.ds.offset = [(left + (width - (x1 - x0) * scale) / 2) / scale - x0,
-                      (top + (height - (y1 - y0) * scale) / 2) / scale - y0];
+  canvas.ds.offset = [left / scale - x, top / scale - y];
   canvas.setDirty(true, true);
-  return scale;
-})()"""
+  return true;
+})"""
+
+
+def emulate_window(browser: DevTools, width: int, height: int) -> None:
+    """A window of width x height CSS pixels at PIXEL_RATIO."""
+    browser.call("Emulation.setDeviceMetricsOverride", width=width, height=height, deviceScaleFactor=PIXEL_RATIO,
+                 mobile=False)
+
+
+def set_viewport(browser: DevTools, width: int, height: int) -> None:
+    """emulate_window, then wait until the frontend's canvas has followed."""
+    emulate_window(browser, width, height)
+    browser.wait_for(f"window.app.canvas.canvas.clientWidth === {width} && "
+                     f"window.app.canvas.canvas.clientHeight === {height}", 30, "the canvas to fit the window")
+
+
+def screenshot(browser: DevTools, path: Path, titles: list[str], zoom: float | None) -> tuple[int, int]:
+    """Writes a PNG of the named groups (none: the whole workflow) at canvas `zoom` (None: the zoom that fits the
+    default window), cut to them plus MARGIN; the window grows where they do not fit. Returns the image size."""
+    bounds = browser.evaluate(f"{BOUNDS_JS}({json.dumps(titles)})")
+    assert bounds["found"] == len(titles) or not titles, f"{path.name}: groups {titles} not all in the workflow"
+    x0, y0, x1, y1 = bounds["rect"]
+    x0, y0, x1, y1 = x0 - MARGIN, y0 - MARGIN, x1 + MARGIN, y1 + MARGIN
+    left, top, right, bottom = FREE_AREA
+    if zoom is None:
+        zoom = min((VIEWPORT[0] - left - right) / (x1 - x0), (VIEWPORT[1] - top - bottom) / (y1 - y0))
+    width, height = round((x1 - x0) * zoom), round((y1 - y0) * zoom)
+    set_viewport(browser, max(VIEWPORT[0], left + width + right), max(VIEWPORT[1], top + height + bottom))
+    browser.evaluate(f"{PLACE_JS}({x0}, {y0}, {zoom}, {left}, {top})")
+    browser.sleep(1.0)
+    shot = browser.call("Page.captureScreenshot", format="png", captureBeyondViewport=False,
+                        clip={"x": left, "y": top, "width": width, "height": height, "scale": 1})
+    image = Image.open(io.BytesIO(base64.b64decode(shot["data"]))).convert("RGB")
+    assert image.size == (width * PIXEL_RATIO, height * PIXEL_RATIO), (path.name, image.size, width, height)
+    # 256 colours, no dithering: the flat UI stays sharp at a third of the size.
+    image.quantize(256, method=Image.Quantize.MEDIANCUT, dither=Image.Dither.NONE).save(path, optimize=True)
+    return image.size
 
 
 def test_server_lists_the_workflows_as_templates(server):
-    """ComfyUI's template browser gets the four workflows from this pack's workflows/ folder, with thumbnails."""
+    """ComfyUI's template browser gets every workflow from this pack's workflows/ folder, with thumbnails."""
     with urllib.request.urlopen(server["url"] + "/api/workflow_templates", timeout=30) as r:
         templates = json.load(r)
     assert sorted(templates.get(PACK_DIR_NAME, [])) == NAMES, templates
@@ -378,7 +479,9 @@ def test_server_lists_the_workflows_as_templates(server):
 
 @pytest.mark.parametrize("name", NAMES)
 def test_workflow_opens_cleanly_in_the_browser(server, browser, name):
+    frontend = server["frontend"]
     workflow = load_workflow(name)
+    emulate_window(browser, *VIEWPORT)  # a screenshot of the previous workflow may have grown it
     open_frontend(browser, server["url"])
     start = len(browser.events)
     browser.evaluate(f"window.app.loadGraphData({json.dumps(workflow)}, true, true, {json.dumps(name)})"
@@ -391,6 +494,7 @@ def test_workflow_opens_cleanly_in_the_browser(server, browser, name):
     state = browser.evaluate(INSPECT_JS)
     errors = browser.errors_since(start)
 
+    assert state["version"] == frontend["version"], f"the page runs frontend {state['version']}, not {frontend}"
     assert not state["dialogs"], f"{name}: dialog(s) shown on opening: {state['dialogs']}"
     assert not state["toasts"], f"{name}: toast(s) shown on opening: {state['toasts']}"
     missing = [f"{n['id']} {n['type']}" for n in state["nodes"] if not n["registered"]]
@@ -410,18 +514,39 @@ def test_workflow_opens_cleanly_in_the_browser(server, browser, name):
                   if w["type"] == "combo" and w["options"] is not None and w["value"] not in w["options"]]
     assert not bad_combos, f"{name}: combo values the frontend does not offer: {bad_combos}"
 
+    # The groups keep title, frame and colour, and each holds the nodes of its stage (the frontend's membership).
+    # font_size: kept, or dropped where the frontend draws every group title at one size (the newest does); never
+    # changed.
+    groups = state["serialized"]["groups"]
+    assert [{k: g[k] for k in ("title", "bounding", "color")} for g in groups] == \
+        [{k: g[k] for k in ("title", "bounding", "color")} for g in workflow["groups"]], f"{name}: groups changed"
+    assert all(g.get("font_size", f["font_size"]) == f["font_size"] for g, f in zip(groups, workflow["groups"]))
+    in_file = {g["title"]: sorted(n["id"] for n in workflow["nodes"] if n["type"] != "Note" and
+                                  inside(g["bounding"], n)) for g in workflow["groups"]}
+    assert {g["title"]: g["nodes"] for g in state["groups"]} == in_file, f"{name}: group members differ"
+    assert sorted(i for ids in in_file.values() for i in ids) == sorted(
+        n["id"] for n in workflow["nodes"] if n["type"] != "Note"), f"{name}: a node is in no group or in two"
+
     # What the frontend would queue is exactly the API twin (the headless runner's conversion agrees with it).
     prompt = browser.evaluate("window.app.graphToPrompt().then((p) => p.output)")
     assert prompt == load_workflow(name, api=True), f"{name}: the frontend's prompt differs from workflows/api/"
     assert not errors, f"{name}: errors in the page while opening: {errors}"
 
-    # The screenshot: the whole graph in view.
-    browser.evaluate(FIT_VIEW_JS)
-    browser.sleep(1.0)
-    shot = browser.call("Page.captureScreenshot", format="png", captureBeyondViewport=False)
-    image = Image.open(io.BytesIO(base64.b64decode(shot["data"]))).convert("RGB")
-    assert image.size == (VIEWPORT[0] * PIXEL_RATIO, VIEWPORT[1] * PIXEL_RATIO)
+    if frontend["kind"] != "pinned":
+        return
+    # The screenshots (with the frontend this ComfyUI ships): the whole workflow, then each close-up.
     SCREENSHOTS_DIR.mkdir(exist_ok=True)
-    # 256 colours, no dithering: the flat UI stays sharp at a third of the size.
-    image.quantize(256, method=Image.Quantize.MEDIANCUT, dither=Image.Dither.NONE).save(
-        SCREENSHOTS_DIR / f"{name}.png", optimize=True)
+    expected = {f"{name}.png"} | {f"{name}_{part}.png" for part in ZOOMS[name]}
+    for stale in SCREENSHOTS_DIR.glob(f"{name}_*.png"):
+        if stale.name not in expected:
+            stale.unlink()
+    screenshot(browser, SCREENSHOTS_DIR / f"{name}.png", [], None)
+    for part, titles in ZOOMS[name].items():
+        screenshot(browser, SCREENSHOTS_DIR / f"{name}_{part}.png", titles, 1.0)
+
+
+def inside(bounding: list[float], node: dict) -> bool:
+    """The frontend's group membership rule: the centre of the node's bounding rect (title bar included)."""
+    x = node["pos"][0] + node["size"][0] / 2
+    y = node["pos"][1] - build_workflows.TITLE_H + (node["size"][1] + build_workflows.TITLE_H) / 2
+    return bounding[0] <= x <= bounding[0] + bounding[2] and bounding[1] <= y <= bounding[1] + bounding[3]

@@ -113,7 +113,8 @@ def test_finetuned_prediction_differs_and_clip_is_trained(trained):
 def test_save_load_and_stock_lora_loader_reproduce(comfy, fixtures, trained):
     graph = dict(trained["graph"])
     graph["save"] = {"class_type": "SINE_SaveAdapter", "inputs": {"sine_adapter": ["finetune", 3],
-                                                                 "filename": "sine_tests/dog"}}
+                                                                 "filename": "sine_tests/dog",
+                                                                 "overwrite": True}}
     comfy.run(graph)
     import folder_paths
     folder_paths.filename_list_cache.clear()

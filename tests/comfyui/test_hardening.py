@@ -53,12 +53,13 @@ def clear_disk_cache(comfy):
 
 
 def test_same_seed_same_adapter_and_image(comfy, fixtures):
+    state_dict = comfy.pack_module("sine_ops.adapter_file").state_dict
     results = []
     for _ in range(2):
         comfy.executor.reset()
         clear_disk_cache(comfy)
         comfy.run(graph(fixtures, seed=31))
-        results.append((comfy.node_output("finetune", 3).state_dict(), comfy.node_output("decode", 0)))
+        results.append((state_dict(comfy.node_output("finetune", 3)), comfy.node_output("decode", 0)))
     (sd_a, img_a), (sd_b, img_b) = results
     assert sd_a.keys() == sd_b.keys() and all(torch.equal(sd_a[k], sd_b[k]) for k in sd_a)
     assert torch.equal(img_a, img_b)

@@ -59,7 +59,8 @@ def test_grid_goes_on_finetuned_rows_only_and_off_equals_non_patch(comfy, fixtur
 def test_save_load_sample_reproduces(comfy, fixtures, patch_nodes):
     g = sine_sample_graph(fixtures["checkpoint"], patch_nodes, edit=EDIT, steps=2, size=(64, 96))
     g["save_adapter"] = {"class_type": "SINE_SaveAdapter", "inputs": {"sine_adapter": ["finetune", 3],
-                                                                      "filename": "sine_tests/patch_dog"}}
+                                                                      "filename": "sine_tests/patch_dog",
+                                                                      "overwrite": True}}
     comfy.run(g)
     fresh = comfy.node_output("sample", 0)["samples"]
     comfy.folder_paths.filename_list_cache.clear()

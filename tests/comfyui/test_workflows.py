@@ -1,5 +1,8 @@
 """The pack's example workflows (workflows/) and the headless runner (workflows/headless.py) in real ComfyUI.
 
+The runner is three files: workflow_graph.py (UI -> API conversion, overrides), comfy_runtime.py (ComfyUI in
+process, its executor) and headless.py (the command line).
+
 - Every UI workflow converts (with the live node definitions) to exactly its API twin, both validate in ComfyUI
   with the model/image names pointed at the random-weight fixtures, and the committed files are what
   workflows/build_workflows.py generates from the live definitions.
@@ -21,17 +24,19 @@ from PIL import Image
 from comfyui_harness import REPO_ROOT
 
 import build_workflows  # noqa: E402  (workflows/ is on sys.path through comfyui_harness)
-import headless  # noqa: E402
+import workflow_graph  # noqa: E402
+from comfy_runtime import ExecutionError, ValidationError  # noqa: E402
 
 WORKFLOWS_DIR = REPO_ROOT / "workflows"
 NAMES = ["sine_finetune_and_edit", "sine_patch_edit_resolution", "sine_edit_controlnet",
-         "sine_two_models_content_style"]
+         "sine_two_models_content_style", "sine_masked_edit", "sine_lora_as_finetuned"]
 HINT_TITLE = "ControlNet hint (canny edges of your image)"
 TINY_TRAINING = ["SINE_Finetune.steps=2", "SINE_Finetune.resolution=64"]
 TINY_PATCH = ["SINE_PatchResolutionConfig.working_size=128", "SINE_PatchResolutionConfig.train_resolution=64",
               "SINE_PatchResolutionConfig.grid_size=16", "SINE_PatchResolutionConfig.crop_bank=2"]
 SIZES = {"sine_finetune_and_edit": (64, 64), "sine_patch_edit_resolution": (96, 64),
-         "sine_edit_controlnet": (64, 64), "sine_two_models_content_style": (64, 64)}
+         "sine_edit_controlnet": (64, 64), "sine_two_models_content_style": (64, 64), "sine_masked_edit": (64, 64),
+         "sine_lora_as_finetuned": (64, 64)}
 
 
 def load(name: str, api: bool) -> dict:
@@ -46,6 +51,9 @@ def fixture_names(name: str, fixtures: dict) -> dict:
                  f"{HINT_TITLE}.image={fixtures['hint_image']}"]
     if name == "sine_two_models_content_style":
         sets.append(f"Style image.image={fixtures['source_image']}")
+    if name == "sine_lora_as_finetuned":  # a LoRA file instead of an image to fine-tune on
+        sets.append(f"SINE_LoraAsAdapter.lora_name={fixtures['lora']}")
+        return {"checkpoint": fixtures["checkpoint"], "sets": sets}
     return {"checkpoint": fixtures["checkpoint"], "image": fixtures["source_image"], "sets": sets}
 
 
@@ -63,7 +71,7 @@ def runner(comfy):
 
 # ---- the files -------------------------------------------------------------------------------------------------
 def test_widget_layout_follows_the_frontend_rules(runner):
-    slots = headless.widget_slots
+    slots = workflow_graph.widget_slots
     assert slots(runner.object_info("KSampler")) == [
         ("seed", "value"), ("seed", "control"), ("steps", "value"), ("cfg", "value"), ("sampler_name", "value"),
         ("scheduler", "value"), ("denoise", "value")]  # as ComfyUI's own templates: [seed, "randomize", 20, ...]
@@ -73,15 +81,15 @@ def test_widget_layout_follows_the_frontend_rules(runner):
     assert finetune[finetune.index("seed") + 1] == "seed"  # an INT named seed gets a control widget (legacy rule)
     assert [n for n, k in slots(runner.object_info("SINE_GuidedSampler")) if k == "value"] == [
         "seed", "steps", "cfg", "sampler_name", "scheduler", "denoise", "finetuned_weight", "start_percent",
-        "end_percent"]
-    assert headless.socket_inputs(runner.object_info("SINE_Guider"))[-1] == ("extra_models", "SINE_GUIDANCE_STACK",
-                                                                             True)
+        "end_percent", "outside_weight", "mask_feather"]
+    guider_sockets = workflow_graph.socket_inputs(runner.object_info("SINE_Guider"))
+    assert guider_sockets[-1] == ("extra_models", "SINE_GUIDANCE_STACK", True)
 
 
 @pytest.mark.parametrize("name", NAMES)
 def test_ui_workflow_converts_to_its_api_twin_and_both_validate(runner, fixtures, name):
     ui, api = load(name, api=False), load(name, api=True)
-    assert headless.ui_to_api(ui, runner.object_info) == api
+    assert workflow_graph.ui_to_api(ui, runner.object_info) == api
     assert any(n["type"] == "Note" and len(n["widgets_values"][0]) > 200 for n in ui["nodes"])
     ids = [n["id"] for n in ui["nodes"]]
     assert len(set(ids)) == len(ids) and ui["last_node_id"] == max(ids)
@@ -162,13 +170,13 @@ def test_overrides_map_onto_the_right_nodes(runner, fixtures):
 ])
 def test_bad_overrides_are_refused_in_one_line(runner, fixtures, sets, message):
     kw = fixture_names("sine_finetune_and_edit", fixtures)
-    with pytest.raises(headless.HeadlessError, match=message.replace("(", r"\(").replace(")", r"\)")) as e:
+    with pytest.raises(workflow_graph.HeadlessError, match=message.replace("(", r"\(").replace(")", r"\)")) as e:
         runner.prepare(load("sine_finetune_and_edit", api=True), **dict(kw, sets=kw["sets"] + sets))
     assert "\n" not in str(e.value) and e.value.exit_code == 2
 
 
 def test_missing_files_list_what_is_available(runner, fixtures):
-    with pytest.raises(headless.HeadlessError) as e:
+    with pytest.raises(workflow_graph.HeadlessError) as e:
         runner.prepare(load("sine_edit_controlnet", api=False))  # the UI file with its own names
     text = str(e.value)
     assert "'v1-5-pruned-emaonly.safetensors' not found in the checkpoints folders" in text
@@ -180,12 +188,12 @@ def test_validation_and_execution_errors_carry_comfyuis_message(runner, fixtures
     kw = tiny("sine_finetune_and_edit", fixtures)
     bad = runner.prepare(load("sine_finetune_and_edit", api=True), **dict(kw, sets=kw["sets"] + [
         "SINE_GuidedSampler.finetuned_weight=1.5"]))
-    with pytest.raises(headless.ValidationError, match="bigger than max.*finetuned_weight") as e:
+    with pytest.raises(ValidationError, match="bigger than max.*finetuned_weight") as e:
         runner.run(bad, strict=True)
     assert e.value.exit_code == 2 and "\n" not in str(e.value)
     failing = runner.prepare(load("sine_finetune_and_edit", api=True), **dict(kw, sets=kw["sets"] + [
         "SINE_GuidedSampler.start_percent=0.8"]))
-    with pytest.raises(headless.ExecutionError, match="SINE_GuidedSampler.*is after 'end_percent'") as e:
+    with pytest.raises(ExecutionError, match="SINE_GuidedSampler.*is after 'end_percent'") as e:
         runner.run(failing, strict=True)
     assert e.value.exit_code == 1 and "\n" not in str(e.value)
 

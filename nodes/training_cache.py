@@ -1,0 +1,85 @@
+"""Which trained state a SINE Finetune run starts from, and where its results and checkpoints are kept.
+
+A *lineage* is everything that decides the trained adapter except the step count (image, prompt, mask, settings
+but `steps`, patch config, model, CLIP, VAE, training code). Because step k's randomness depends on (seed, k) only
+and the AdamW state is kept, the k-step state of a lineage is the same whether it was reached at once or in parts.
+So a 400-step request continues the lineage's most trained state with at most 400 steps (a cached 200-step run,
+the 200 steps a cancelled run completed, a periodic save) and never retrains what is already trained. States are
+kept in the disk cache as `<lineage>-<steps>` entries and, for when the disk cache is off, in memory (the last few).
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections import OrderedDict
+from dataclasses import replace
+
+import torch
+
+from ..sine_ops.adapter_file import checksum, state_dict
+from ..sine_ops.config import FinetuneSettings, PatchConfig
+from ..sine_ops.sine_adapter import SineAdapter
+from . import disk_cache
+
+log = logging.getLogger("sine")
+MEMORY_ENTRIES = 2  # states kept in memory (ComfyUI's own output cache usually holds the last result too)
+LINEAGE_FIELD = "lineage"  # adapter.settings entry naming the lineage an adapter belongs to
+_recent: OrderedDict[str, SineAdapter] = OrderedDict()  # entry key -> finished adapter
+
+
+def lineage_key(model, clip, vae, image, source_prompt: str, settings: FinetuneSettings,
+                patch: PatchConfig | None, mask: torch.Tensor | None) -> str:
+    mask_digest = None if mask is None else \
+        hashlib.sha256(mask.detach().float().contiguous().cpu().numpy().tobytes()).hexdigest()
+    return disk_cache.cache_key(model, clip, image, source_prompt, replace(settings, steps=0), patch, vae=vae,
+                                extra={"mask": mask_digest})
+
+
+def foreign_lineage(lineage: str, start: SineAdapter) -> str:
+    """The lineage of a continuation from an adapter that is not of `lineage` (another file, other settings): it
+    depends on that adapter's content."""
+    return hashlib.sha256(f"{lineage}:{checksum(state_dict(start))}".encode()).hexdigest()[:32]
+
+
+def entry_key(lineage: str, steps: int) -> str:
+    return f"{lineage}-{steps}"
+
+
+def steps_of(adapter: SineAdapter) -> int:
+    return int(adapter.settings.get("steps", 0))
+
+
+def best_start(lineage: str, steps: int, given: SineAdapter | None, use_disk: bool) -> SineAdapter | None:
+    """The most trained known state of `lineage` with at most `steps` steps, or None: `given`, then the disk
+    cache (use_disk) or else the states kept in memory (the disk cache switched off)."""
+    known = {} if given is None else {steps_of(given): given}
+    if not use_disk:
+        known.update({steps_of(a): a for k, a in _recent.items() if k.startswith(f"{lineage}-")})
+    best = max((n for n in known if 0 < n <= steps), default=0)
+    on_disk = sorted((n, k) for k in (disk_cache.keys_with_prefix(f"{lineage}-") if use_disk else [])
+                     if (n := _steps_in(k, lineage)) is not None and best < n <= steps)
+    for n, key in reversed(on_disk):
+        cached = disk_cache.load_cached(key)  # None for a damaged entry (then removed): try the next one
+        if cached is not None:
+            return replace(cached[0], losses=cached[1])
+    return known.get(best)
+
+
+def _steps_in(key: str, lineage: str) -> int | None:
+    tail = key[len(lineage) + 1:]
+    return int(tail) if tail.isdigit() else None
+
+
+def keep(lineage: str, adapter: SineAdapter, use_disk: bool, remember: bool) -> str | None:
+    """Record a state of `lineage` (tagging the adapter with it): in memory (remember) and in the disk cache
+    (use_disk). Returns the written file, or None."""
+    adapter.settings[LINEAGE_FIELD] = lineage
+    key = entry_key(lineage, steps_of(adapter))
+    if remember:
+        _recent[key] = adapter
+        _recent.move_to_end(key)
+        while len(_recent) > MEMORY_ENTRIES:
+            _recent.popitem(last=False)
+    if use_disk and disk_cache.store(key, adapter, adapter.losses):
+        return disk_cache.entry_path(key)
+    return None

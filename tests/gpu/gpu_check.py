@@ -1,0 +1,241 @@
+"""GPU check (not a test; never run in CI): peak VRAM and seconds per step of SINE on CUDA, normal vs --lowvram.
+
+    COMFYUI_PATH=/path/to/ComfyUI python tests/gpu/gpu_check.py [--repeats 3] [--modes normal,lowvram]
+    COMFYUI_PATH=/path/to/ComfyUI python tests/gpu/gpu_check.py --smoke      # tiny, CPU: exercises the code only
+
+Phases, all on the random-weight SD1.5-architecture fixture checkpoint (tests/comfyui_fixtures.py), 512x512:
+  finetune      SINE_Finetune, LoRA (rank 16, attention layers), precision bf16 (autocast), --train-steps steps
+  sine_sampling SINE_GuidedSampler, paper window (fine-tuned weight 0.3, 0.0-0.6), --sample-steps steps
+  ksampler      ComfyUI's KSampler, same model / size / steps / sampler / scheduler / seed
+  bare_unet     the UNet's forward + backward (to its input) via ComfyUI's apply_model, bf16 autocast, no adapters
+  vae_encode    one VAE encode of a 512 px crop (what a fresh crop per training step would add to each step)
+Per phase: peak VRAM (torch.cuda.max_memory_allocated, reset at the phase start, after ComfyUI has unloaded
+every model, so it includes loading the phase's own weights), seconds per step (finetune / sampling: between the
+first and last step reported to ComfyUI's progress bar; bare_unet / vae_encode: a timed loop after one untimed
+call), and the phase's wall time (loading and set-up included).
+
+ComfyUI's --lowvram is a process-level argument, so every measurement runs in a child process of one mode, and
+the children are interleaved: normal, lowvram, normal, lowvram, ... (--repeats rounds). Inside a child the
+phases run once as warm-up and once measured. min / median / spread (max - min) are over the rounds.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent / "benchmarks"))
+
+import timing  # noqa: E402  (tests/benchmarks/timing.py: the one timing helper)
+
+MODE_FLAGS = {"normal": None, "lowvram": "lowvram", "novram": "novram"}
+PHASES = ("finetune", "sine_sampling", "ksampler", "bare_unet", "vae_encode")
+UNITS = {"finetune": "step", "sine_sampling": "step", "ksampler": "step", "bare_unet": "step",
+         "vae_encode": "encode"}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--smoke", action="store_true",
+                   help="tiny run on the CPU (64 px, 3 steps; CUDA hidden) that only exercises the code paths")
+    p.add_argument("--size", type=int, help="image side in px (default 512; --smoke 64)")
+    p.add_argument("--train-steps", type=int, help="SINE Finetune steps per run (default 20; --smoke 3)")
+    p.add_argument("--sample-steps", type=int, help="sampling steps (default 20; --smoke 3)")
+    p.add_argument("--loop", type=int, help="timed bare_unet steps / VAE encodes per round (default 10; --smoke 2)")
+    p.add_argument("--repeats", type=int, default=3, help="interleaved rounds per mode (at least 3)")
+    p.add_argument("--modes", default="normal,lowvram",
+                   help=f"comma-separated, from {', '.join(MODE_FLAGS)} (each: its own child processes)")
+    p.add_argument("--rank", type=int, default=16)
+    p.add_argument("--layers", default="attention", choices=["attention", "attention+ff", "all"])
+    p.add_argument("--sampler", default="euler")
+    p.add_argument("--scheduler", default="normal")
+    p.add_argument("--work", default="/tmp/sine_gpu_check")
+    p.add_argument("--child-timeout", type=int, default=900, help="seconds before a child process is stopped")
+    p.add_argument("--child", help=argparse.SUPPRESS)  # MODE:ROUND, internal
+    a = p.parse_args(argv)
+    for name, full, smoke in (("size", 512, 64), ("train_steps", 20, 3), ("sample_steps", 20, 3), ("loop", 10, 2)):
+        if getattr(a, name) is None:
+            setattr(a, name, smoke if a.smoke else full)
+    if a.train_steps < 3 or a.sample_steps < 3 or a.loop < 1:
+        p.error("--train-steps and --sample-steps must be at least 3 (per-step time skips the first step), "
+                "--loop at least 1")
+    if a.size % 64:
+        p.error("--size must be a multiple of 64")
+    a.mode_list = [m.strip() for m in a.modes.split(",") if m.strip()]
+    bad = [m for m in a.mode_list if m not in MODE_FLAGS]
+    if bad or not a.mode_list:
+        p.error(f"--modes: unknown {bad}; choose from {', '.join(MODE_FLAGS)}")
+    return a
+
+
+# ---- child: one process, one ComfyUI VRAM mode, warm-up round + one measured round of every phase ---------------
+def child(a) -> dict:
+    import torch
+    mode, rnd = a.child.split(":")
+    rnd = int(rnd)
+    import comfy_workloads as w
+    s, fx = w.start(Path(a.work) / mode, MODE_FLAGS[mode])
+    import comfy.model_management as mm
+    cuda = torch.cuda.is_available()
+    if not a.smoke and (not cuda or w.device().type != "cuda"):
+        sys.exit("the child process sees no CUDA device")
+    autocast = torch.bfloat16 if cuda else None
+    precision = "bf16" if cuda else "auto"  # the pack always trains in fp32 on the CPU
+    peak = timing.PeakMemory(cuda)
+
+    model, clip, vae = w.load_checkpoint(fx)
+    image = w.source_image(fx)
+    pos, neg = w.encode_text(clip, w.EDIT), w.encode_text(clip, "")
+    # the adapter the sampling phases guide with (its values do not change the cost; 64 px keeps set-up short)
+    ft = w.sine_finetune(model, clip, vae, image, steps=2, resolution=64, seed=rnd, rank=a.rank, layers=a.layers,
+                         precision=precision)
+    src_cond, adapter = ft[2], ft[3]
+    seed = 1000 * (rnd + 1)
+
+    def phase(fn):
+        """Run fn(stepper) from a clean GPU; fn returns seconds per unit (or None: take it from the progress bar)."""
+        w.clear_sine_cache()
+        w.free_models()
+        peak.reset()
+        t0 = timing.clock()
+        with timing.StepTimer() as st:
+            per_unit = fn(st)
+        wall = timing.clock() - t0
+        return {"s_per_unit": per_unit, "wall_s": wall, "peak_mib": peak.read()}
+
+    def finetune(r):
+        def fn(st):
+            w.sine_finetune(model, clip, vae, image, steps=a.train_steps, resolution=a.size, seed=seed + r,
+                            rank=a.rank, layers=a.layers, precision=precision)
+            return st.per_step(a.train_steps)
+        return phase(fn)
+
+    def sampling(kind):
+        def run(r):
+            def fn(st):
+                w.sample(kind, model, positive=pos, negative=neg, size=a.size, steps=a.sample_steps, seed=seed + r,
+                         sampler=a.sampler, scheduler=a.scheduler, adapter=adapter, source_conditioning=src_cond)
+                return st.per_step(a.sample_steps)
+            return phase(fn)
+        return run
+
+    def bare(r):
+        def fn(st):
+            b = w.BareUNet(model, pos, a.size, autocast)
+            b.step()  # untimed: first-call overheads
+            t = timing.clock()
+            for _ in range(a.loop):
+                b.step()
+            per = (timing.clock() - t) / a.loop
+            b.close()
+            return per
+        return phase(fn)
+
+    def vae_encode(r):
+        def fn(st):
+            w.vae_encode_crop(vae, a.size, seed=r)  # untimed: loads the VAE
+            t = timing.clock()
+            for i in range(a.loop):
+                w.vae_encode_crop(vae, a.size, seed=r * 100 + i)
+            return (timing.clock() - t) / a.loop
+        return phase(fn)
+
+    variants = {"finetune": finetune, "sine_sampling": sampling("sine"), "ksampler": sampling("ksampler"),
+                "bare_unet": bare, "vae_encode": vae_encode}
+    stats = timing.interleaved(variants, repeats=1, warmup=1, log=lambda m: print(f"[{mode}] {m}", flush=True))
+    info = {"device": torch.cuda.get_device_name() if cuda else f"cpu ({platform.processor() or platform.machine()})",
+            "torch": torch.__version__, "comfyui": __import__("comfyui_version").__version__,
+            "vram_state": mm.vram_state.name, "unet_dtype": str(model.model.get_dtype()).replace("torch.", "")}
+    return {"info": info, "phases": {p: {m: st.values[0] for m, st in metrics.items()} for p, metrics in stats.items()}}
+
+
+# ---- parent: interleave child processes of each mode, gather, print one table -----------------------------------
+def run_child(a, mode: str, rnd: int) -> dict:
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    if a.smoke:
+        env["CUDA_VISIBLE_DEVICES"] = ""  # --smoke is a CPU run even on a GPU machine
+    argv = [x for x in sys.argv[1:] if not x.startswith("--child")]
+    cmd = [sys.executable, str(Path(__file__).resolve()), *argv, "--child", f"{mode}:{rnd}"]
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=a.child_timeout)
+    except subprocess.TimeoutExpired:
+        sys.exit(f"{mode} round {rnd + 1}: child process ran past --child-timeout {a.child_timeout} s")
+    lines = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")]
+    for ln in out.stdout.splitlines():
+        if ln.startswith(f"[{mode}] "):
+            print("  " + ln, flush=True)
+    if out.returncode or not lines:
+        sys.exit(f"{mode} round {rnd + 1} failed (exit {out.returncode}):\n{out.stderr[-6000:]}\n{out.stdout[-2000:]}")
+    return json.loads(lines[-1][len("RESULT "):])
+
+
+def report(a, infos: dict, stats: dict) -> None:
+    first = next(iter(infos.values()))
+    mem = "peak VRAM MiB" if not a.smoke else "max RSS MiB (process so far)"
+    print(f"\nSINE GPU check: SD1.5-architecture random-weight fixture, {a.size}x{a.size}, batch 1; finetune LoRA rank "
+          f"{a.rank} '{a.layers}' {'bf16 autocast' if not a.smoke else 'fp32 (CPU)'}, {a.train_steps} steps; "
+          f"sampling {a.sample_steps} steps {a.sampler}/{a.scheduler}, cfg 7.5; SINE window 0.0-0.6 weight 0.3")
+    print(f"device {first['device']}, torch {first['torch']}, ComfyUI {first['comfyui']}, UNet weights "
+          f"{first['unet_dtype']}; {a.repeats} interleaved rounds per mode "
+          f"({', '.join(m + ': vram_state ' + i['vram_state'] for m, i in infos.items())})"
+          + ("  [--smoke: CPU, tiny sizes: these numbers say nothing about GPU speed]" if a.smoke else ""))
+    header = ["mode / phase", "unit"] + timing.stats_header("s/unit") + ["wall s median", f"{mem} max"]
+    rows = []
+    for mode in a.mode_list:
+        for ph in PHASES:
+            m = stats[mode][f"{ph}.s_per_unit"]
+            rows.append([f"{mode} / {ph}", UNITS[ph]] + timing.stats_cells(m, 4)
+                        + [f"{stats[mode][f'{ph}.wall_s'].median:.2f}", f"{stats[mode][f'{ph}.peak_mib'].max:.0f}"])
+    print(timing.table(header, rows))
+    print("\nratios of medians (s/unit):")
+    for mode in a.mode_list:
+        st = {ph: stats[mode][f"{ph}.s_per_unit"] for ph in PHASES}
+        print(f"  {mode}: SINE sampling / KSampler = {timing.ratio_of_medians(st['sine_sampling'], st['ksampler']):.2f}x "
+              f"(target <= 1.25x); SINE Finetune step / bare UNet fwd+bwd = "
+              f"{timing.ratio_of_medians(st['finetune'], st['bare_unet']):.2f}x; one VAE encode / Finetune step = "
+              f"{timing.ratio_of_medians(st['vae_encode'], st['finetune']):.2f} (the cost a fresh crop per step "
+              f"would add to each step)")
+    base = a.mode_list[0]
+    for mode in a.mode_list[1:]:
+        parts = [f"{ph} {timing.ratio_of_medians(stats[mode][f'{ph}.s_per_unit'], stats[base][f'{ph}.s_per_unit']):.2f}x"
+                 for ph in PHASES]
+        print(f"  {mode} / {base} s/unit: " + ", ".join(parts))
+
+
+def main(argv=None):
+    a = parse_args(argv)
+    if a.child:
+        print("RESULT " + json.dumps(child(a)), flush=True)
+        return
+    import torch
+    if not a.smoke and not torch.cuda.is_available():
+        print("gpu_check.py measures CUDA peak memory and speed, and this machine has no CUDA device "
+              f"(torch {torch.__version__}, torch.cuda.is_available() is False). Run it on a CUDA machine, or "
+              "add --smoke for a tiny CPU run that only exercises the code paths.", file=sys.stderr)
+        sys.exit(2)
+    timing.check_repeats(a.repeats)
+    print(f"gpu_check: {'SMOKE (CPU) ' if a.smoke else ''}modes {', '.join(a.mode_list)}, {a.repeats} rounds, "
+          f"children interleaved by mode", flush=True)
+    infos = {}
+
+    def variant(mode):
+        def run(rnd):
+            t = time.perf_counter()
+            res = run_child(a, mode, rnd)
+            infos[mode] = res["info"]
+            print(f"{mode} round {rnd + 1}/{a.repeats}: child done in {time.perf_counter() - t:.0f} s", flush=True)
+            return {f"{ph}.{m}": v for ph, metrics in res["phases"].items() for m, v in metrics.items()}
+        return run
+
+    stats = timing.interleaved({m: variant(m) for m in a.mode_list}, repeats=a.repeats)
+    report(a, infos, stats)
+
+
+if __name__ == "__main__":
+    main()
