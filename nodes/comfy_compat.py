@@ -72,12 +72,13 @@ def training_mode():
 def layer_kind(module: torch.nn.Module) -> str | None:
     """"linear" / "conv2d" / None for ComfyUI's layers. Newer mixed-precision ops define Linear as
     (torch.nn.Module, CastWeightBiasOp), not an nn.Linear (comfy/ops.py @ 5522e4fd), so cast layers are also
-    recognised by CastWeightBiasOp plus a 2-D weight."""
+    recognised by CastWeightBiasOp plus a Linear's in_features and 2-D weight."""
     kind = torch_layer_kind(module)
     if kind is not None:
         return kind
     weight = getattr(module, "weight", None)
-    if isinstance(module, comfy.ops.CastWeightBiasOp) and weight is not None and len(weight.shape) == 2:
+    if isinstance(module, comfy.ops.CastWeightBiasOp) and hasattr(module, "in_features") and \
+            weight is not None and len(weight.shape) == 2:  # in_features: a Linear, not e.g. an Embedding
         return "linear"
     return None
 

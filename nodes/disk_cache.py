@@ -65,7 +65,7 @@ def cache_key(model, clip, image, source_prompt, settings: FinetuneSettings, pat
     h.update(as_rgb(image).contiguous().float().cpu().numpy().tobytes())
     h.update(json.dumps({"prompt": source_prompt, "settings": asdict(settings), "extra": extra,
                          "patch": None if patch is None else patch.to_dict()}, sort_keys=True, default=str).encode())
-    for part in (_training_code_digest(), model_digest(model), clip_digest(clip),
+    for part in (_training_code_digest(), model_digest(model), clip_digest(clip, source_prompt),
                  "no vae" if vae is None else vae_digest(vae)):
         h.update(part.encode())
     return h.hexdigest()[:32]
@@ -77,9 +77,16 @@ def model_digest(model) -> str:
                     _module_digest(base), _patcher_digest(model)])
 
 
-def clip_digest(clip) -> str:
-    return _digest([clip.layer_idx, clip.tokenizer_options, clip.use_clip_schedule, clip.apply_hooks_to_conds,
-                    _module_digest(clip.cond_stage_model), _patcher_digest(clip.patcher)])
+def clip_digest(clip, prompt: str) -> str:
+    """The CLIP by what it gives the training: the prompt's conditioning (which every weight, patch, layer choice
+    and tokenizer option it uses shows in), and its patches. Not its raw weights: a checkpoint without some
+    unused CLIP weights (SD1.x has no text projection) leaves them uninitialised, different after every load."""
+    with torch.inference_mode():
+        conds = clip.encode_from_tokens_scheduled(clip.tokenize(prompt))
+    # fp16 bytes: the same CLIP gives the same digest even where kernels differ in the last bits
+    rounded = [(c.half(), {k: v.half() if torch.is_tensor(v) and v.is_floating_point() else v
+                           for k, v in sorted(extra.items())}) for c, extra in conds]
+    return _digest([clip.layer_idx, clip.tokenizer_options, rounded, _patcher_digest(clip.patcher)])
 
 
 def vae_digest(vae) -> str:

@@ -24,6 +24,7 @@ from ..sine_ops.adapters import RowRouter
 from ..sine_ops.guidance import Weight, check_weight_sum, feather_mask, mix_conditional_maps, weight_map, \
     window_active
 from ..sine_ops.sine_adapter import SineAdapter
+from . import memory_guard
 from . import model_patching as mp
 from .errors import InputError, SineNodeError, node_errors
 from .types import AdapterType, GuidanceStackType
@@ -310,6 +311,8 @@ class SineGuidedSampler(io.ComfyNode):
             entries = _entries(extra_models, **entry_inputs)
             guider = build_guider(model, positive, negative, cfg, entries, "SINE Guided Sampler")
         latent = comfy.sample.fix_empty_latent_channels(model, latent_image["samples"])
+        with node_errors("SINE Guided Sampler"):  # base rows (cond, uncond) + one per fine-tuned entry per step
+            memory_guard.check_sampling(model, tuple(latent.shape), 2 + len(entries), "latent_image")
         noise = comfy.sample.prepare_noise(latent, seed, latent_image.get("batch_index"))
         sigmas = comfy.samplers.KSampler(model, steps=steps, device=model.load_device, sampler=sampler_name,
                                          scheduler=scheduler, denoise=denoise, model_options=model.model_options).sigmas

@@ -110,6 +110,14 @@ def _decode_save(col: int, samples=("sample", 0), prefix="sine/edit") -> list[N]
             N("save", "SaveImage", {"images": ("decode", 0), "filename_prefix": prefix}, col + 1)]
 
 
+def _prompts_group() -> G:
+    return G("2  Edit prompt, size", ["pos", "neg", "latent"], GREEN)
+
+
+def _save_group(number: int) -> G:
+    return G(f"{number}  Decode & save", ["decode", "save"], YELLOW)
+
+
 def _one_model(name: str, title: str, head: str, specific: str, *, patch: bool = False,
                size=(512, 512), prefix: str = "sine/edit", controlnet: bool = False) -> Workflow:
     """The single-image edit: fine-tune -> edit prompt -> (ControlNet) -> SINE Guided Sampler -> save."""
@@ -121,9 +129,9 @@ def _one_model(name: str, title: str, head: str, specific: str, *, patch: bool =
     nodes += [_finetune(steps=1000 if patch else 400, patch="patch" if patch else None),
               N("loss", "PreviewImage", {"images": ("finetune", 4)}, 2, "Loss curve"),
               *_prompts(3, size=size, latent_title="Output size (any aspect ratio)" if patch else None)]
-    tune = G("1  Patch-based fine-tune on the source image" if patch else "1  Fine-tune on the source image",
+    tune = G("1  Patch-based fine-tune" if patch else "1  Fine-tune on the source image",
              tune_keys + ["finetune", "loss"], BLUE)
-    prompts = G("2  Edit prompt and output size", ["pos", "neg", "latent"], GREEN)
+    prompts = _prompts_group()
     groups, col, conditioning = [tune, prompts], 4, (("pos", 0), ("neg", 0))
     zooms = {"finetune": [tune.title]}
     if controlnet:
@@ -137,7 +145,7 @@ def _one_model(name: str, title: str, head: str, specific: str, *, patch: bool =
         zooms = {"controlnet": [groups[-1].title]}  # its fine-tune and sampler are the first workflow's
     nodes += [_sampler(col, *conditioning), *_decode_save(col + 1, prefix=prefix)]
     sampling = G(f"{len(groups) + 1}  SINE sampling", ["sample"], PURPLE)
-    groups += [sampling, G(f"{len(groups) + 2}  Decode & save", ["decode", "save"], YELLOW)]
+    groups += [sampling, _save_group(len(groups) + 2)]
     if not controlnet:  # the ControlNet group sits between the prompts and the sampler: too wide for one shot
         zooms["sampling"] = [prompts.title, sampling.title]
     return Workflow(name, title, nodes, f"{head}\n\n{specific}\n\n{EXAMPLE}\n\n{SHARED}", groups, zooms)
@@ -215,12 +223,10 @@ def wf_two_models_content_style() -> Workflow:
                                            "latent_image": ("latent", 0)}, 6),
         *_decode_save(7, samples=("run", 0), prefix="sine/content_style"),
     ]
-    tune = G("1  Fine-tune on the content and the style image", ["ckpt", "content", "style", "ft_content",
-                                                                  "ft_style"], BLUE)
-    prompts = G("2  Edit prompt and output size", ["pos", "neg", "latent"], GREEN)
-    mix = G("3  SINE guidance: base + content + style", ["add_style", "guider"], PURPLE)
-    groups = [tune, prompts, mix, G("4  Sampling", ["noise", "ksampler", "sigmas", "run"], CYAN),
-              G("5  Decode & save", ["decode", "save"], YELLOW)]
+    tune = G("1  Fine-tune content and style", ["ckpt", "content", "style", "ft_content", "ft_style"], BLUE)
+    prompts = _prompts_group()
+    mix = G("3  SINE guidance", ["add_style", "guider"], PURPLE)
+    groups = [tune, prompts, mix, G("4  Sampling", ["noise", "ksampler", "sigmas", "run"], CYAN), _save_group(5)]
     note = ("SINE with two fine-tuned models: content from one image, style from another (paper section 5)\n\n"
             "Each image gets its own SINE Finetune with its own caption. The SINE Guider mixes, during its "
             "window, the base model (edit prompt) with BOTH fine-tuned models:\n"
@@ -253,10 +259,10 @@ def wf_masked_edit() -> Workflow:
     sampler.title = "SINE Guided Sampler (0.8 inside the mask, 0.1 outside)"
     nodes += [sampler, *_decode_save(6, prefix="sine/masked_edit")]
     tune = G("1  Fine-tune on the source image", ["ckpt", "image", "finetune", "loss"], BLUE)
-    prompts = G("2  Edit prompt and output size", ["pos", "neg", "latent"], GREEN)
-    region = G("3  Where to keep the source", ["mask_bg", "mask_keep", "mask"], CYAN)
-    sampling = G("4  SINE sampling with a weight map", ["sample"], PURPLE)
-    groups = [tune, prompts, region, sampling, G("5  Decode & save", ["decode", "save"], YELLOW)]
+    prompts = _prompts_group()
+    region = G("3  Region to keep", ["mask_bg", "mask_keep", "mask"], CYAN)
+    sampling = G("4  SINE with a mask", ["sample"], PURPLE)
+    groups = [tune, prompts, region, sampling, _save_group(5)]
     note = ("SINE masked edit: keep one region of the source image, edit the rest\n\n"
             "A MASK on the SINE Guided Sampler turns the fine-tuned model's weight into a map: finetuned_weight "
             "inside the mask (white), outside_weight outside. Where the weight is high the fine-tuned model (the "
@@ -288,9 +294,9 @@ def wf_lora_as_finetuned() -> Workflow:
     sampler.inputs.update(sine_adapter=("lora", 3), source_conditioning=("lora", 2), finetuned_weight=0.4)
     nodes += [sampler, *_decode_save(5, prefix="sine/lora_edit")]
     source = G("1  Your LoRA as the fine-tuned model", ["ckpt", "lora"], BLUE)
-    prompts = G("2  Edit prompt and output size", ["pos", "neg", "latent"], GREEN)
+    prompts = _prompts_group()
     sampling = G("3  SINE sampling", ["sample"], PURPLE)
-    groups = [source, prompts, sampling, G("4  Decode & save", ["decode", "save"], YELLOW)]
+    groups = [source, prompts, sampling, _save_group(4)]
     note = ("SINE with a LoRA you already have (DreamBooth, character LoRA) as the fine-tuned model\n\n"
             "No training here: SINE LoRA as Fine-tuned Model reads a LoRA from models/loras and gives the same "
             "outputs as SINE Finetune (model, clip, source_conditioning, sine_adapter).\n"
@@ -318,7 +324,8 @@ COL_GAP, ROW_GAP, TITLE_H, SLOT_H, WIDGET_H = 70, 40, 30, 22, 24
 WIDTHS = {"CLIPTextEncode": 400, "SINE_Finetune": 360, "SINE_GuidedSampler": 340, "SINE_Guider": 340,
           "SINE_AddFinetunedModel": 330, "SINE_PatchResolutionConfig": 330, "SaveImage": 420, "PreviewImage": 360,
           "Note": 460}
-GROUP_FONT, GROUP_PAD = 40, 16  # group title font (the frontend's default is 24: too small in the overview)
+GROUP_FONT, GROUP_PAD = 36, 16  # group title font (frontend 1.27's default is 24: too small in the overview)
+GROUP_CHAR_W = 0.5  # a generous average character width of the title font, in font sizes (for the fit check)
 GROUP_TITLE_H = round(GROUP_FONT * 1.4)  # the frontend's group title bar: font_size * 1.4 (LGraphGroup.titleHeight)
 SINE_COLOR = {"color": "#223", "bgcolor": "#335"}
 NOTE_COLOR = {"color": "#432", "bgcolor": "#653"}
@@ -355,7 +362,7 @@ def _groups(wf: Workflow, boxes: dict[str, list[int]]) -> list[dict]:
     """The UI groups: each frames its nodes (title bar included) with GROUP_PAD around and its own title bar above.
 
     Checked here: every node's centre lies in its own group only and the note's in none (the frontend's rule for
-    which nodes a group holds), and no two groups overlap."""
+    which nodes a group holds), no two groups overlap, and each title fits its frame."""
     def rect(key):  # the frontend's node boundingRect: the title bar above pos, then the body
         x, y, w, h = boxes[key]
         return [x, y - TITLE_H, w, h + TITLE_H]
@@ -370,6 +377,8 @@ def _groups(wf: Workflow, boxes: dict[str, list[int]]) -> list[dict]:
         out.append({"id": i, "title": g.title, "bounding": [x0, y0, x1 - x0, y1 - y0], "color": g.color,
                     "font_size": GROUP_FONT, "flags": {}})
         member.update({k: g.title for k in g.keys})
+        if len(g.title) * GROUP_CHAR_W * GROUP_FONT > x1 - x0 - 8:  # it would run into the next group
+            raise ValueError(f"{wf.name}: group title {g.title!r} is too long for its group (shorten it)")
 
     def inside(b, x, y):
         return b[0] <= x <= b[0] + b[2] and b[1] <= y <= b[1] + b[3]

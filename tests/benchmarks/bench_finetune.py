@@ -9,8 +9,9 @@ Rows:
 - native Train LoRA: ComfyUI's own TrainLoraNode at the same rank, precision and layers ("all": it adapts every
   weight), gradient checkpointing off for both;
 - crop bank: one VAE encode of a training crop (what a per-step encode would add) vs the bank set-up.
-Per-step times come from two runs with different step counts ((T_long - T_short) / (steps difference)), so
-model loading and set-up are excluded. Each measurement runs in its own process, to read its own peak memory
+Per-step times come from two runs with different step counts ((T_long - T_short) / (steps difference)), after
+one untimed run, so model loading, set-up and first-call overheads are excluded (the native node reports its
+steps to tqdm only, not to ComfyUI's progress bar, so the progress-bar clock of the GPU check cannot be used). Each measurement runs in its own process, to read its own peak memory
 (max RSS on CPU; max allocated on CUDA), and the processes are interleaved: bare, SINE, native, crop bank, bare,
 SINE, ... for --repeats rounds; min / median / spread are over the rounds, ratios are of medians. Nodes are
 called by node id (ComfyUI's NODE_CLASS_MAPPINGS) as ComfyUI's executor calls them.
@@ -77,6 +78,8 @@ def variant(name: str, args) -> dict:
         steps(1)
     else:
         raise ValueError(name)
+    if name in ("sine", "native"):
+        steps(short)  # untimed: first-call overheads would otherwise inflate T_short only
     t_short, t_long = steps(short), steps(long)
     return {"per_step_s": (t_long - t_short) / (long - short), "peak_mb": timing.PeakMemory(cuda).read()}
 

@@ -55,7 +55,7 @@ NAMES = sorted(p.stem for p in WORKFLOWS_DIR.glob("*.json"))
 ZOOMS = {wf.name: wf.zooms for wf in (make() for make in build_workflows.WORKFLOWS)}
 VIEWPORT = (1280, 800)  # CSS pixels of the page
 PIXEL_RATIO = 2  # device pixels per CSS pixel: screenshots stay sharp when opened full size
-FREE_AREA = (56, 96, 16, 72)  # CSS px of the page the frontend's side bar, top bars and bottom toolbar cover
+FREE_AREA = (56, 96, 16, 72)  # CSS px at the canvas's left, top, right, bottom that the frontend's bars may cover
 MARGIN = 24  # graph units of canvas around a screenshot's nodes and groups
 SERVER_START_TIMEOUT = 300  # s; ComfyUI imports torch and every node module, slow on a loaded CPU machine
 # The newest comfyui-frontend-package on PyPI when checked (`pip index versions comfyui-frontend-package`,
@@ -207,7 +207,7 @@ def server(comfy, fixtures, frontend, tmp_path_factory):
     for kind in ("checkpoints", "controlnet", "loras"):
         (models / kind).mkdir(parents=True, exist_ok=True)
         for file_name in sorted(used[kind]):
-            assert kind in fixture_files, f"the workflows select a {kind} file ({file_name}) the test has no fixture for"
+            assert kind in fixture_files, f"the workflows select a {kind} file ({file_name}): no fixture for it"
             (models / kind / file_name).symlink_to(fixture_files[kind].resolve())
     for file_name in sorted(used["input"]):
         shutil.copyfile(image, base / "input" / file_name)
@@ -392,7 +392,8 @@ INSPECT_JS = """(() => {
   }));
   const groups = graph.groups.map((g) => {
     g.recomputeInsideNodes();  // the frontend's own rule for which nodes a group holds (moves with it)
-    return { title: g.title, nodes: g.nodes.map((n) => n.id).sort((a, b) => a - b) };
+    // Number(): the newest frontend's live node ids are strings ('1'); the saved ones stay numbers.
+    return { title: g.title, nodes: g.nodes.map((n) => Number(n.id)).sort((a, b) => a - b) };
   });
   return {
     version: window.__COMFYUI_FRONTEND_VERSION__,
@@ -418,7 +419,13 @@ BOUNDS_JS = """((titles) => {
   };
 })"""
 
-# Zoom and pan so that graph point (x, y) is at page point (left, top).
+# Where the canvas lies in the page and its size, CSS px (frontend 1.27 puts bars beside it, newer ones over it).
+CANVAS_JS = """(() => {
+  const c = window.app.canvas.canvas, r = c.getBoundingClientRect();
+  return [r.x, r.y, c.clientWidth, c.clientHeight];
+})()"""
+
+# Zoom and pan so that graph point (x, y) is at canvas point (left, top).
 PLACE_JS = """((x, y, scale, left, top) => {
   const canvas = window.app.canvas;
   canvas.ds.scale = scale;
@@ -434,11 +441,15 @@ def emulate_window(browser: DevTools, width: int, height: int) -> None:
                  mobile=False)
 
 
-def set_viewport(browser: DevTools, width: int, height: int) -> None:
-    """emulate_window, then wait until the frontend's canvas has followed."""
-    emulate_window(browser, width, height)
-    browser.wait_for(f"window.app.canvas.canvas.clientWidth === {width} && "
-                     f"window.app.canvas.canvas.clientHeight === {height}", 30, "the canvas to fit the window")
+def grow_window(browser: DevTools, canvas_w: int, canvas_h: int, grow_w: int, grow_h: int) -> None:
+    """The default window grown by grow_w x grow_h CSS px; waits until the frontend's canvas (canvas_w x canvas_h in
+    the default window) has grown as much and its backing store has followed."""
+    emulate_window(browser, VIEWPORT[0] + grow_w, VIEWPORT[1] + grow_h)
+    width, height = canvas_w + grow_w, canvas_h + grow_h
+    browser.wait_for(f"(() => {{ const c = window.app.canvas.canvas; return c.clientWidth === {width} && "
+                     f"c.clientHeight === {height} && c.width === Math.round({width} * devicePixelRatio) && "
+                     f"c.height === Math.round({height} * devicePixelRatio); }})()", 30,
+                     "the canvas to follow the window size")
 
 
 def screenshot(browser: DevTools, path: Path, titles: list[str], zoom: float | None) -> tuple[int, int]:
@@ -449,14 +460,18 @@ def screenshot(browser: DevTools, path: Path, titles: list[str], zoom: float | N
     x0, y0, x1, y1 = bounds["rect"]
     x0, y0, x1, y1 = x0 - MARGIN, y0 - MARGIN, x1 + MARGIN, y1 + MARGIN
     left, top, right, bottom = FREE_AREA
+    canvas_x, canvas_y, canvas_w, canvas_h = browser.evaluate(CANVAS_JS)  # in the default window
     if zoom is None:
-        zoom = min((VIEWPORT[0] - left - right) / (x1 - x0), (VIEWPORT[1] - top - bottom) / (y1 - y0))
+        zoom = min((canvas_w - left - right) / (x1 - x0), (canvas_h - top - bottom) / (y1 - y0))
     width, height = round((x1 - x0) * zoom), round((y1 - y0) * zoom)
-    set_viewport(browser, max(VIEWPORT[0], left + width + right), max(VIEWPORT[1], top + height + bottom))
+    # The window grows by what the shot needs beyond the canvas's free area (the bars keep their size).
+    grow_window(browser, canvas_w, canvas_h, max(0, width - (canvas_w - left - right)),
+                max(0, height - (canvas_h - top - bottom)))
     browser.evaluate(f"{PLACE_JS}({x0}, {y0}, {zoom}, {left}, {top})")
     browser.sleep(1.0)
+    canvas_x, canvas_y = browser.evaluate(CANVAS_JS)[:2]
     shot = browser.call("Page.captureScreenshot", format="png", captureBeyondViewport=False,
-                        clip={"x": left, "y": top, "width": width, "height": height, "scale": 1})
+                        clip={"x": canvas_x + left, "y": canvas_y + top, "width": width, "height": height, "scale": 1})
     image = Image.open(io.BytesIO(base64.b64decode(shot["data"]))).convert("RGB")
     assert image.size == (width * PIXEL_RATIO, height * PIXEL_RATIO), (path.name, image.size, width, height)
     # 256 colours, no dithering: the flat UI stays sharp at a third of the size.
@@ -501,13 +516,14 @@ def test_workflow_opens_cleanly_in_the_browser(server, browser, name):
     assert not missing, f"{name}: node types unknown to the frontend: {missing}"
     flagged = [f"{n['id']} {n['type']}" for n in state["nodes"] if n["has_errors"]]
     assert not flagged, f"{name}: nodes marked with errors: {flagged}"
-    assert sorted(n["id"] for n in state["nodes"]) == sorted(n["id"] for n in workflow["nodes"])
+    assert sorted(n["id"] for n in state["serialized"]["nodes"]) == sorted(n["id"] for n in workflow["nodes"])
     assert len(state["serialized"]["links"]) == len(workflow["links"]), f"{name}: links were dropped or fixed"
 
-    # Every widget keeps the file's value (a shifted layout or a rejected value would change them).
+    # Every widget keeps the file's value (a shifted layout or a rejected value would change them). A node with no
+    # widget ([] in the file): the newest frontend writes no widgets_values at all.
     saved = {n["id"]: n.get("widgets_values") for n in workflow["nodes"]}
     for node in state["serialized"]["nodes"]:
-        assert node.get("widgets_values") == saved[node["id"]], \
+        assert node.get("widgets_values", []) == saved[node["id"]], \
             f"{name}: node {node['id']} ({node['type']}) widget values changed on loading"
     bad_combos = [f"node {n['id']} ({n['type']}) {w['name']}={w['value']!r} not in {w['options'][:8]}"
                   for n in state["nodes"] for w in n["widgets"]

@@ -68,12 +68,14 @@ def test_cast_linear_that_is_not_an_nn_linear_is_found(compat):
         """Shaped like newer mixed_precision_ops.Linear (comfy/ops.py @ 5522e4fd)."""
         def __init__(self):
             super().__init__()
+            self.in_features, self.out_features = 3, 4
             self.weight = torch.nn.Parameter(torch.zeros(4, 3), requires_grad=False)
 
     assert compat.layer_kind(MixedPrecisionLinear()) == "linear"
     assert compat.layer_kind(comfy.ops.disable_weight_init.Linear(3, 4)) == "linear"
     assert compat.layer_kind(comfy.ops.manual_cast.Conv2d(3, 4, 3)) == "conv2d"
     assert compat.layer_kind(comfy.ops.disable_weight_init.GroupNorm(2, 4)) is None
+    assert compat.layer_kind(comfy.ops.manual_cast.Embedding(10, 4)) is None  # a cast op with a 2-D weight
 
 
 def test_quantized_weights_are_refused_for_training_with_the_checkpoint_type(compat, monkeypatch):

@@ -18,7 +18,7 @@ import safetensors.torch
 import torch
 
 from comfyui_harness import WorkflowError
-from workflows_api import finetune_graph
+from workflows_api import finetune_graph, sine_sample_graph
 
 STEPS = 2
 
@@ -78,8 +78,8 @@ def test_save_numbers_files_and_never_replaces_a_non_sine_file(comfy, fixtures):
     safetensors.torch.save_file({"lora_unet_x.lora_up.weight": torch.ones(2, 2)}, str(user_lora))
     original = user_lora.read_bytes()
     names = []
-    for _ in range(2):
-        comfy.run(save_graph(fixtures, "files_safety/stock"))
+    for seed in range(2):  # two adapters (ComfyUI does not re-run an output node whose inputs are unchanged)
+        comfy.run(save_graph(fixtures, "files_safety/stock", seed=seed))
         names.append(comfy.node_output("save", 0))
     assert names == ["files_safety/stock_00001_.safetensors", "files_safety/stock_00002_.safetensors"]
     assert user_lora.read_bytes() == original
@@ -305,6 +305,10 @@ def test_an_absurd_sampling_size_is_refused_with_the_real_memory(comfy, fixtures
     memory_guard.check_sampling(model, (1, 4, 64, 64), 3, "latent_image")  # 512 px: fits anywhere
     with pytest.raises(errors.InputError, match="8192x8192 px needs at least .* lower latent_image"):
         memory_guard.check_sampling(model, (1, 4, 1024, 1024), 3, "latent_image")
+    trained = ft(fixtures)
+    g = sine_sample_graph(fixtures["checkpoint"], {"image": trained["image"], "finetune": trained["finetune"]},
+                          edit="a dog", size=(8192, 8192))
+    expect_error(comfy, g, "SINE Guided Sampler", "'latent_image'", "8192x8192", "lower latent_image")
 
 
 # ---- 11.6: the disk cache switch and its size limit ----------------------------------------------------------------

@@ -90,7 +90,8 @@ def test_loss_on_source_falls_by_30_percent(trained):
 
 def test_progress_and_loss_curve(trained):
     steps = [v for v, total, _ in trained["progress"] if total == STEPS]
-    assert steps[-1] == STEPS and len(steps) >= STEPS
+    # only the first and the final update are certain: newer ComfyUI throttles the ones between (comfy/utils.py)
+    assert steps[0] <= 1 and steps[-1] == STEPS
     img = trained["loss_image"]
     assert img.shape[0] == 1 and img.shape[-1] == 3 and img.std() > 0
 

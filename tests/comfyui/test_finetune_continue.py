@@ -73,9 +73,6 @@ def test_three_then_three_more_equals_six_at_once_through_the_disk_cache(comfy, 
     assert trained_steps(comfy, 6)[0] == 4, "the cached 3-step run was not continued"
     assert_same_adapter(comfy.node_output("finetune", 3), six_at_once)
     assert len(comfy.node_output("finetune", 5)["loss"]) == 6
-    comfy.executor.reset()
-    comfy.run(graph(fixtures, 6, seed=61))
-    assert not trained_steps(comfy, 6), "the cached 6-step result was retrained"
 
 
 def test_continue_from_an_adapter_equals_six_at_once(comfy, fixtures, six_at_once):

@@ -59,7 +59,8 @@ def fixture_names(name: str, fixtures: dict) -> dict:
 
 def tiny(name: str, fixtures: dict) -> dict:
     kw = fixture_names(name, fixtures)
-    kw["sets"] += TINY_TRAINING + (TINY_PATCH if name == "sine_patch_edit_resolution" else [])
+    kw["sets"] += [] if name == "sine_lora_as_finetuned" else TINY_TRAINING  # the LoRA one has no SINE Finetune
+    kw["sets"] += TINY_PATCH if name == "sine_patch_edit_resolution" else []
     w, h = SIZES[name]
     return dict(kw, size=f"{w}x{h}", steps=2)
 
