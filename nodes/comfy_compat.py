@@ -109,10 +109,3 @@ def refuse_quantized_training(layers: list[tuple[str, torch.nn.Module]], input_n
                                          "version of the checkpoint (fp8 storage via --fp8_e4m3fn-unet or Load "
                                          "Diffusion Model's weight_dtype works), or train on it elsewhere and load "
                                          "the adapter.")
-
-
-# ---- cancel ------------------------------------------------------------------------------------------------------
-def interrupt_exception() -> type[BaseException]:
-    """The exception a user's Cancel raises: an Exception on 0.3.64, a BaseException on newer ComfyUI
-    (comfy/model_management.py @ a7631e35), so `except Exception` must not be relied on to see it."""
-    return comfy.model_management.InterruptProcessingException

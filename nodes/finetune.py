@@ -108,10 +108,12 @@ class SineFinetune(io.ComfyNode):
                 io.Combo.Input("preset", options=list(PRESETS), default="custom",
                                tooltip="custom: use the inputs below (their defaults are lora_default). "
                                        "lora_default: LoRA rank 16 on attention, lr 1e-4, 400 steps, text encoder "
-                                       "off - fits a consumer GPU. paper: full UNet + full text encoder, AdamW "
-                                       "1e-6, 800 steps, fp32, gradient checkpointing - as the official code; "
-                                       "for SD1.5 its training state alone (fp32 deltas, gradients, AdamW) is "
-                                       "~14 GB. A preset overrides the inputs it names."),
+                                       "off (3.2 M trainable parameters on SD1.5). paper: full UNet + full text "
+                                       "encoder, AdamW 1e-6, 800 steps (10,000 in patch mode), fp32, gradient "
+                                       "checkpointing, no gradient clipping - as the official code; for SD1.5 its "
+                                       "training state alone (fp32 deltas, gradients, AdamW) is estimated at ~15 GB "
+                                       "from the parameter counts (not measured). A preset overrides the inputs it "
+                                       "names."),
                 io.Int.Input("steps", default=d.steps, min=1, max=20000,
                              tooltip="Optimisation steps. The paper overfits: 800 (full, lr 1e-6); LoRA at 1e-4 "
                                      "gets there in 300-500. Patch-based training wants more (paper: 10,000)."),

@@ -300,11 +300,13 @@ class DevTools:
     def sleep(self, seconds: float) -> None:
         self.loop.run_until_complete(asyncio.sleep(seconds))  # the reader keeps collecting events meanwhile
 
-    def wait_for(self, expression: str, timeout: float, what: str) -> None:
+    def wait_for(self, expression: str, timeout: float, what: str, detail: str | None = None) -> None:
+        """Polls `expression` until it is true; on timeout fails, with the value of the `detail` expression."""
         deadline = time.monotonic() + timeout
         while not self.evaluate(expression):
             if time.monotonic() > deadline:
-                pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}")
+                pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}"
+                            + (f"; now: {self.evaluate(detail)}" if detail else ""))
             self.sleep(0.25)
 
     def errors_since(self, start: int) -> list[str]:
@@ -449,7 +451,9 @@ def grow_window(browser: DevTools, canvas_w: int, canvas_h: int, grow_w: int, gr
     browser.wait_for(f"(() => {{ const c = window.app.canvas.canvas; return c.clientWidth === {width} && "
                      f"c.clientHeight === {height} && c.width === Math.round({width} * devicePixelRatio) && "
                      f"c.height === Math.round({height} * devicePixelRatio); }})()", 30,
-                     "the canvas to follow the window size")
+                     f"the canvas to follow the window size (to {width}x{height} CSS px)",
+                     "(() => { const c = window.app.canvas.canvas; return {client: [c.clientWidth, c.clientHeight], "
+                     "backing: [c.width, c.height], window: [innerWidth, innerHeight]}; })()")
 
 
 def screenshot(browser: DevTools, path: Path, titles: list[str], zoom: float | None) -> tuple[int, int]:
@@ -460,7 +464,9 @@ def screenshot(browser: DevTools, path: Path, titles: list[str], zoom: float | N
     x0, y0, x1, y1 = bounds["rect"]
     x0, y0, x1, y1 = x0 - MARGIN, y0 - MARGIN, x1 + MARGIN, y1 + MARGIN
     left, top, right, bottom = FREE_AREA
-    canvas_x, canvas_y, canvas_w, canvas_h = browser.evaluate(CANVAS_JS)  # in the default window
+    emulate_window(browser, *VIEWPORT)  # the previous close-up may have grown it
+    browser.wait_for(f"innerWidth === {VIEWPORT[0]} && innerHeight === {VIEWPORT[1]}", 30, "the default window")
+    canvas_x, canvas_y, canvas_w, canvas_h = browser.evaluate(CANVAS_JS)
     if zoom is None:
         zoom = min((canvas_w - left - right) / (x1 - x0), (canvas_h - top - bottom) / (y1 - y0))
     width, height = round((x1 - x0) * zoom), round((y1 - y0) * zoom)

@@ -1,7 +1,7 @@
 """nodes/comfy_compat.py: the pack's own branching for newer ComfyUI, against stand-in objects.
 
 These tests check which branch the pack takes for a capability (a dynamic-VRAM patcher, the in_training flag,
-a cast Linear that is not an nn.Linear, a quantized weight class, a BaseException cancel). They do not check
+a cast Linear that is not an nn.Linear, a quantized weight class). They do not check
 newer ComfyUI's behaviour, which cannot run here; the 0.3.64 branches are exercised by the rest of the suite.
 """
 import pytest
@@ -95,8 +95,3 @@ def test_quantized_weights_are_refused_for_training_with_the_checkpoint_type(com
 
 def test_quantized_check_without_quant_ops_is_false(compat):
     assert compat.is_quantized(torch.zeros(2)) is False  # 0.3.64: no comfy.quant_ops module
-
-
-def test_cancel_exception_is_comfyuis_own(compat):
-    import comfy.model_management as mm
-    assert compat.interrupt_exception() is mm.InterruptProcessingException

@@ -153,3 +153,21 @@ def test_patch_mode_with_fresh_crops_and_reconstruction_loss(comfy, fixtures):
     assert comfy.node_output("finetune", 3).patch.crop_bank == 0
     # same crops, noise and timesteps: L_rec adds a positive term from the first step on
     assert with_rec[0] > without[0]
+
+
+def test_a_base_exception_cancel_is_not_swallowed_and_keeps_the_state(comfy, fixtures, monkeypatch):
+    """Newer ComfyUI's InterruptProcessingException is a BaseException (comfy/model_management.py @ a7631e35).
+    Swapped in here for 0.3.64's class (the executor catches it by that module attribute): the pack's own cancel
+    handling still keeps the stopped state and lets the cancel through to the executor."""
+    import comfy.model_management as mm
+
+    class InterruptAsBaseException(BaseException):
+        pass
+
+    monkeypatch.setattr(mm, "InterruptProcessingException", InterruptAsBaseException)
+    before = cache_entries(comfy)
+    comfy.interrupt_at = 2
+    with pytest.raises(WorkflowError, match="interrupted|Interrupt"):
+        comfy.run(graph(fixtures, 5, seed=66))
+    kept = cache_entries(comfy) - before
+    assert len(kept) == 1 and 1 <= int(kept.pop().stem.rsplit("-", 1)[1]) < 5
