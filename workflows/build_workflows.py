@@ -312,7 +312,7 @@ def wf_lora_as_finetuned() -> Workflow:
             "- finetuned_weight 0.4: higher = more of the LoRA's subject, lower = more of the edit prompt.\n\n"
             f"{SHARED}")
     return Workflow("sine_lora_as_finetuned", "SINE: a stock LoRA as the fine-tuned model", nodes, note, groups,
-                    {"lora": [source.title, prompts.title]})
+                    {"lora": [source.title], "sampling": [prompts.title, sampling.title]})
 
 
 WORKFLOWS: list[Callable[[], Workflow]] = [wf_finetune_and_edit, wf_patch_edit_resolution, wf_edit_controlnet,

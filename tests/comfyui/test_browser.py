@@ -44,15 +44,11 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from comfyui_fixtures import default_cache_dir
 from comfyui_harness import PACK_DIR_NAME, REPO_ROOT, SKIP_LINE, find_comfyui
-
-import build_workflows  # noqa: E402  (workflows/ is on sys.path through comfyui_harness)
 
 WORKFLOWS_DIR = REPO_ROOT / "workflows"
 SCREENSHOTS_DIR = WORKFLOWS_DIR / "screenshots"
 NAMES = sorted(p.stem for p in WORKFLOWS_DIR.glob("*.json"))
-ZOOMS = {wf.name: wf.zooms for wf in (make() for make in build_workflows.WORKFLOWS)}
 VIEWPORT = (1280, 800)  # CSS pixels of the page
 PIXEL_RATIO = 2  # device pixels per CSS pixel: screenshots stay sharp when opened full size
 FREE_AREA = (56, 96, 16, 72)  # CSS px at the canvas's left, top, right, bottom that the frontend's bars may cover
@@ -77,6 +73,12 @@ if CHROMIUM is None:
                 "install Debian's chromium package (apt-get install chromium) and rerun `bash tests/run.sh`.",
                 allow_module_level=True)
 aiohttp = pytest.importorskip("aiohttp", reason="Browser test skipped: aiohttp (a ComfyUI dependency) is missing")
+
+# Imported after the skips: where the module is skipped, nothing else of the ComfyUI tier needs to import.
+from comfyui_fixtures import default_cache_dir  # noqa: E402
+import build_workflows  # noqa: E402  (workflows/ is on sys.path through comfyui_harness)
+
+ZOOMS = {wf.name: wf.zooms for wf in (make() for make in build_workflows.WORKFLOWS)}  # close-ups per workflow
 
 # Frontend settings of the test user: no first-run template browser; no restore of the previous page's tabs;
 # screenshots without the minimap / render-info overlays and with full-detail nodes at any zoom (no low-quality
@@ -445,12 +447,14 @@ def emulate_window(browser: DevTools, width: int, height: int) -> None:
 
 def grow_window(browser: DevTools, canvas_w: int, canvas_h: int, grow_w: int, grow_h: int) -> None:
     """The default window grown by grow_w x grow_h CSS px; waits until the frontend's canvas (canvas_w x canvas_h in
-    the default window) has grown as much and its backing store has followed."""
+    the default window) has grown as much and its backing store has followed (a window resize event is sent again
+    while it has not: two quick resizes in a row can leave the frontend at the first size)."""
     emulate_window(browser, VIEWPORT[0] + grow_w, VIEWPORT[1] + grow_h)
     width, height = canvas_w + grow_w, canvas_h + grow_h
-    browser.wait_for(f"(() => {{ const c = window.app.canvas.canvas; return c.clientWidth === {width} && "
+    browser.wait_for(f"(() => {{ const c = window.app.canvas.canvas; const done = c.clientWidth === {width} && "
                      f"c.clientHeight === {height} && c.width === Math.round({width} * devicePixelRatio) && "
-                     f"c.height === Math.round({height} * devicePixelRatio); }})()", 30,
+                     f"c.height === Math.round({height} * devicePixelRatio); "
+                     f"if (!done) window.dispatchEvent(new Event('resize')); return done; }})()", 30,
                      f"the canvas to follow the window size (to {width}x{height} CSS px)",
                      "(() => { const c = window.app.canvas.canvas; return {client: [c.clientWidth, c.clientHeight], "
                      "backing: [c.width, c.height], window: [innerWidth, innerHeight]}; })()")
