@@ -396,10 +396,8 @@ def _groups(wf: Workflow, boxes: dict[str, list[int]]) -> list[dict]:
     return out
 
 
-def build(wf: Workflow, object_info: Callable[[str], dict]) -> tuple[dict, dict]:
-    """(UI workflow, API prompt) for one definition."""
-    ids = {n.key: i + 1 for i, n in enumerate(wf.nodes)}
-    infos = {n.key: object_info(n.type) for n in wf.nodes}
+def _api_prompt(wf: Workflow, ids: dict, infos: dict) -> tuple[dict, dict]:
+    """(API prompt, node key -> its inputs) of a definition, every widget filled as the frontend sends it."""
     api, values = {}, {}
     for n in wf.nodes:
         info = infos[n.key]
@@ -420,6 +418,57 @@ def build(wf: Workflow, object_info: Callable[[str], dict]) -> tuple[dict, dict]
         values[n.key] = inputs
         api[str(ids[n.key])] = {"inputs": inputs, "class_type": n.type,
                                 "_meta": {"title": n.title or info.get("display_name") or n.type}}
+    return api, values
+
+
+def _layout(wf: Workflow, sizes: dict, note_size) -> dict:
+    """Node key (and "__note__") -> [x, y]: columns left to right, nodes stacked in each column in definition
+    order, the note first in its column."""
+    cols = sorted({n.col for n in wf.nodes} | {wf.note_col})
+    col_w = {c: max([sizes[n.key][0] for n in wf.nodes if n.col == c] +
+                    ([note_size[0]] if c == wf.note_col else [0])) for c in cols}
+    col_x, x = {}, 0
+    for c in cols:
+        col_x[c] = x
+        x += col_w[c] + COL_GAP
+    col_y = {c: 0 for c in cols}
+    pos = {"__note__": [col_x[wf.note_col], col_y[wf.note_col]]}
+    col_y[wf.note_col] += note_size[1] + TITLE_H + ROW_GAP
+    for n in wf.nodes:
+        pos[n.key] = [col_x[n.col], col_y[n.col]]
+        col_y[n.col] += sizes[n.key][1] + TITLE_H + ROW_GAP
+    return pos
+
+
+def _sockets_and_links(wf: Workflow, ids: dict, infos: dict, values: dict):
+    """(node key -> its input sockets, litegraph links, (source key, slot) -> link ids); links numbered from 1."""
+    links: list[list] = []
+    out_links: dict[tuple[str, int], list[int]] = {}
+    ui_inputs: dict[str, list[dict]] = {}
+    for n in wf.nodes:
+        sockets = []
+        for name, typ, optional in headless.socket_inputs(infos[n.key]):
+            entry = {"name": name, "type": typ, "link": None}
+            if optional:
+                entry["shape"] = 7
+            v = values[n.key].get(name)
+            if isinstance(v, list):
+                link_id = len(links) + 1
+                src_key = next(k for k, i in ids.items() if str(i) == v[0])
+                src_type = headless.outputs_of(infos[src_key])[v[1]][1]
+                links.append([link_id, int(v[0]), v[1], ids[n.key], len(sockets), src_type])
+                out_links.setdefault((src_key, v[1]), []).append(link_id)
+                entry["link"] = link_id
+            sockets.append(entry)
+        ui_inputs[n.key] = sockets
+    return ui_inputs, links, out_links
+
+
+def build(wf: Workflow, object_info: Callable[[str], dict]) -> tuple[dict, dict]:
+    """(UI workflow, API prompt) for one definition."""
+    ids = {n.key: i + 1 for i, n in enumerate(wf.nodes)}
+    infos = {n.key: object_info(n.type) for n in wf.nodes}
+    api, values = _api_prompt(wf, ids, infos)
 
     # execution order (litegraph's "order"): a topological sort
     order, done = {}, set()
@@ -436,25 +485,9 @@ def build(wf: Workflow, object_info: Callable[[str], dict]) -> tuple[dict, dict]
         visit(n.key)
 
     # sockets, links, widgets
-    ui_nodes, links, link_id = [], [], 0
-    out_links: dict[tuple[str, int], list[int]] = {}
-    ui_inputs: dict[str, list[dict]] = {}
-    for n in wf.nodes:
-        sockets = []
-        for name, typ, optional in headless.socket_inputs(infos[n.key]):
-            entry = {"name": name, "type": typ, "link": None}
-            if optional:
-                entry["shape"] = 7
-            v = values[n.key].get(name)
-            if isinstance(v, list):
-                link_id += 1
-                src_key = next(k for k, i in ids.items() if str(i) == v[0])
-                src_type = headless.outputs_of(infos[src_key])[v[1]][1]
-                links.append([link_id, int(v[0]), v[1], ids[n.key], len(sockets), src_type])
-                out_links.setdefault((src_key, v[1]), []).append(link_id)
-                entry["link"] = link_id
-            sockets.append(entry)
-        ui_inputs[n.key] = sockets
+    ui_nodes = []
+    ui_inputs, links, out_links = _sockets_and_links(wf, ids, infos, values)
+    link_id = len(links)
 
     sizes, widgets = {}, {}
     for n in wf.nodes:
@@ -469,21 +502,8 @@ def build(wf: Workflow, object_info: Callable[[str], dict]) -> tuple[dict, dict]
         widgets[n.key] = wv
         sizes[n.key] = _node_size(n.type, infos[n.key], len(wv))
 
-    # layout: columns left to right, nodes stacked in each column in definition order
     note_size = _note_size(wf.note)
-    cols = sorted({n.col for n in wf.nodes} | {wf.note_col})
-    col_w = {c: max([sizes[n.key][0] for n in wf.nodes if n.col == c] +
-                    ([note_size[0]] if c == wf.note_col else [0])) for c in cols}
-    col_x, x = {}, 0
-    for c in cols:
-        col_x[c] = x
-        x += col_w[c] + COL_GAP
-    col_y = {c: 0 for c in cols}
-    pos = {"__note__": [col_x[wf.note_col], col_y[wf.note_col]]}  # the note first in its column
-    col_y[wf.note_col] += note_size[1] + TITLE_H + ROW_GAP
-    for n in wf.nodes:
-        pos[n.key] = [col_x[n.col], col_y[n.col]]
-        col_y[n.col] += sizes[n.key][1] + TITLE_H + ROW_GAP
+    pos = _layout(wf, sizes, note_size)
     groups = _groups(wf, {k: [*pos[k], *sizes[k]] for k in sizes} | {"__note__": [*pos["__note__"], *note_size]})
 
     for n in wf.nodes:
