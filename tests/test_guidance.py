@@ -1,4 +1,4 @@
-"""Model-based CFG (SINE_METHOD.md §4-§5) against the paper's formulas written out literally."""
+"""Model-based CFG (docs/method.md §4-§5) against the paper's formulas written out literally."""
 import pytest
 import torch
 

@@ -1,4 +1,4 @@
-"""SINE positional grid (SINE_METHOD.md §3) against the formula written out independently, and crop boxes."""
+"""SINE positional grid (docs/method.md §3) against the formula written out independently, and crop boxes."""
 import math
 
 import pytest

@@ -64,3 +64,14 @@ def sine_sample_graph(checkpoint: str, adapter_node: dict, *, edit: str, seed: i
             **common, "sine_adapter": ["finetune", 3], "source_conditioning": ["finetune", 2],
             "finetuned_weight": weight, "start_percent": start, "end_percent": end}}
     return g
+
+
+def load_graph(fixtures, name):
+    """Load SINE Adapter `name` -> SINE Apply Adapter on the fixture checkpoint (node ids: ckpt, load, apply)."""
+    return {
+        "ckpt": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": fixtures["checkpoint"]}},
+        "load": {"class_type": "SINE_LoadAdapter", "inputs": {"adapter_name": name}},
+        "apply": {"class_type": "SINE_ApplyAdapter", "inputs": {"model": ["ckpt", 0], "clip": ["ckpt", 1],
+                                                                "sine_adapter": ["load", 0], "positional_grid": True}},
+        "show": {"class_type": "PreviewAny", "inputs": {"source": ["apply", 0]}},
+    }

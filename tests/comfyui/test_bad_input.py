@@ -7,7 +7,7 @@ import safetensors.torch
 import torch
 
 from comfyui_harness import WorkflowError
-from workflows_api import finetune_graph, sine_sample_graph
+from workflows_api import finetune_graph, load_graph, sine_sample_graph
 
 EDIT = "photo of a dog wearing a superhero cape"
 
@@ -150,16 +150,6 @@ def saved_adapter(comfy, fixtures):
                                                               "overwrite": True}}
     comfy.run(g)
     return Path(comfy.folder_paths.get_folder_paths("loras")[0]) / "sine_tests" / "good.safetensors"
-
-
-def load_graph(fixtures, name):
-    return {
-        "ckpt": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": fixtures["checkpoint"]}},
-        "load": {"class_type": "SINE_LoadAdapter", "inputs": {"adapter_name": name}},
-        "apply": {"class_type": "SINE_ApplyAdapter", "inputs": {"model": ["ckpt", 0], "clip": ["ckpt", 1],
-                                                                "sine_adapter": ["load", 0], "positional_grid": True}},
-        "show": {"class_type": "PreviewAny", "inputs": {"source": ["apply", 0]}},
-    }
 
 
 def write_bad(comfy, name, data: bytes):

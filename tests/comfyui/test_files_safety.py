@@ -18,7 +18,7 @@ import safetensors.torch
 import torch
 
 from comfyui_harness import WorkflowError
-from workflows_api import finetune_graph, sine_sample_graph
+from workflows_api import finetune_graph, load_graph, sine_sample_graph
 
 STEPS = 2
 
@@ -47,16 +47,6 @@ def save_graph(fixtures, filename, overwrite=None, seed=0):
     if overwrite is not None:
         g["save"]["inputs"]["overwrite"] = overwrite
     return g
-
-
-def load_graph(fixtures, name):
-    return {
-        "ckpt": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": fixtures["checkpoint"]}},
-        "load": {"class_type": "SINE_LoadAdapter", "inputs": {"adapter_name": name}},
-        "apply": {"class_type": "SINE_ApplyAdapter", "inputs": {"model": ["ckpt", 0], "clip": ["ckpt", 1],
-                                                                "sine_adapter": ["load", 0], "positional_grid": True}},
-        "show": {"class_type": "PreviewAny", "inputs": {"source": ["apply", 0]}},
-    }
 
 
 def files_under(*roots) -> dict:
