@@ -11,6 +11,7 @@ from comfy_api.latest import io
 from ..sine_ops.adapter_file import AdapterFileError, is_sine_adapter_file, load_adapter_file, save_adapter_file
 from ..sine_ops.adapters import RowRouter
 from ..sine_ops.sine_adapter import SineAdapter
+from . import comfy_compat as compat
 from . import model_patching as mp
 from .errors import InputError, node_errors
 from .types import AdapterType
@@ -65,11 +66,12 @@ def _check_name_length(root: str, rel: str, numbered: bool) -> None:
 
 def _save_target(name: str, overwrite: bool) -> tuple[str, str]:
     """(loras folder, file path inside it) for `name`: name_00001_.safetensors numbered after the files there
-    (ComfyUI's convention), or name.safetensors itself when overwrite is on. Symlinked subfolders are followed,
-    as ComfyUI's own file list follows them; the name itself must stay inside the loras folder."""
+    (ComfyUI's convention), or name.safetensors itself when overwrite is on. The name must stay inside the loras
+    folder; a symlinked subfolder takes saves where this ComfyUI allows it (comfy_compat.check_save_folder)."""
     root = os.path.abspath(folder_paths.get_folder_paths("loras")[0])
     rel = _checked_name(name)
     _check_name_length(root, rel, numbered=not overwrite)
+    compat.check_save_folder(root, os.path.join(root, os.path.dirname(rel)), "filename")
     if overwrite:
         return root, os.path.join(root, rel + SUFFIX)
     folder, base, counter, _, _ = folder_paths.get_save_image_path(rel, root)

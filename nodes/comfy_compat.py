@@ -7,12 +7,14 @@ test suite (ComfyUI 0.3.64, commit a125cd84). The newer branches are unit-tested
 from __future__ import annotations
 
 import importlib
+import os
 from contextlib import contextmanager
 
 import torch
 
 import comfy.model_management
 import comfy.ops
+import folder_paths
 
 from ..sine_ops.adapters import torch_layer_kind
 from .errors import InputError
@@ -109,3 +111,18 @@ def refuse_quantized_training(layers: list[tuple[str, torch.nn.Module]], input_n
                                          "version of the checkpoint (fp8 storage via --fp8_e4m3fn-unet or Load "
                                          "Diffusion Model's weight_dtype works), or train on it elsewhere and load "
                                          "the adapter.")
+
+
+# ---- files: where ComfyUI lets a node save ---------------------------------------------------------------------
+def check_save_folder(root: str, folder: str, input_name: str) -> None:
+    """Refuse a save folder that ComfyUI itself would refuse. Newer ComfyUI resolves links before checking that a
+    save stays inside its root, so a symlinked subfolder is listed and loaded from, but never saved into
+    (folder_paths.is_within_directory, used by get_save_image_path: folder_paths.py @ 4effd056). 0.3.64 has no
+    such function and checks the unresolved path only, so there a symlinked subfolder takes saves."""
+    inside = getattr(folder_paths, "is_within_directory", None)
+    if inside is not None and not inside(root, folder):
+        raise InputError(input_name, f"'{os.path.relpath(folder, root)}' is a link to a folder outside the loras "
+                                     f"folder ({os.path.realpath(folder)}); this ComfyUI saves only inside "
+                                     f"{root}. Save into a real subfolder, or add the other folder as a loras "
+                                     "path in extra_model_paths.yaml")
+

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -193,7 +194,11 @@ def ensure_fixtures(models_dir: Path, input_dir: Path, seed: int, comfy_version:
     for f, folder in places.items():
         folder.mkdir(parents=True, exist_ok=True)
         link = folder / f.name
-        if not link.exists():
+        if link.exists():
+            continue
+        if folder == input_dir:  # copied: newer ComfyUI refuses input files that resolve outside the input folder
+            shutil.copyfile(f, link)  # (folder_paths.is_within_directory, Comfy-Org/ComfyUI 0.33.0 @ 783545f6)
+        else:
             link.symlink_to(f)
     return {"checkpoint": ckpt.name, "controlnet": cnet.name, "source_image": src.name, "hint_image": hint.name,
             "lora": lora.name}

@@ -5,14 +5,14 @@ ComfyUI in process and run prompts); this module adapts it to the tests: a work 
 recording, cancel at a given step, and ComfyUI's errors raised as WorkflowError. Nothing here imitates ComfyUI:
 workflows go through ComfyUI's own `validate_prompt` and `PromptExecutor`, and the pack is loaded by ComfyUI's own
 `init_extra_nodes` from a custom_nodes folder. The only stand-ins are (1) a minimal message sink in place of the
-aiohttp PromptServer (the executor only calls `send_sync` and reads `client_id` / `last_node_id` on it) and (2) an
-import-only torchvision package, used only when no torchvision that works with the installed torch exists (see
-tests/torchvision_standin).
+aiohttp PromptServer (the executor only calls `send_sync` and reads `client_id` / `last_node_id` on it) and (2)
+import-only packages for torchvision / torchaudio / spandrel / kornia, used only where the real one is missing
+(tests/import_standins/standin.py).
 """
 from __future__ import annotations
 
 import contextlib
-import importlib.util
+import subprocess
 import sys
 from pathlib import Path
 
@@ -30,6 +30,21 @@ SKIP_LINE = ("ComfyUI tier skipped: no ComfyUI at $COMFYUI_PATH or ~/comfy/Comfy
 def find_comfyui() -> Path | None:
     """$COMFYUI_PATH first, then ~/comfy/ComfyUI (comfy-cli's default install place)."""
     return comfy_runtime.find_comfyui()
+
+
+STANDIN_PACKAGES = ("torchvision", "torchaudio", "spandrel", "kornia")
+
+
+def import_standin_paths(python: str = sys.executable) -> list[str]:
+    """The sys.path entries of tests/import_standins for the packages that `python` cannot import.
+
+    Asked of a fresh interpreter: this process may already have stand-ins on its path. One entry per package, so
+    a real torchvision beside a missing torchaudio is never shadowed, also through PYTHONPATH (which comes before
+    site-packages).
+    """
+    found = subprocess.run([python, "-c", "import importlib.util as u; print(*[m for m in %r if u.find_spec(m)])"
+                            % (STANDIN_PACKAGES,)], capture_output=True, text=True, check=True).stdout.split()
+    return [str(REPO_ROOT / "tests" / "import_standins" / m) for m in STANDIN_PACKAGES if m not in found]
 
 
 class WorkflowError(AssertionError):
@@ -67,8 +82,7 @@ class ComfySession:
     def _start(self):
         import torch
 
-        standin = [] if importlib.util.find_spec("torchvision") is not None else \
-            [str(Path(__file__).parent / "torchvision_standin")]
+        self.standin_paths = import_standin_paths()
         for sub in ("input", "output", "temp", "custom_nodes", "models/checkpoints", "models/controlnet",
                     "models/loras"):
             (self.work / sub).mkdir(parents=True, exist_ok=True)
@@ -85,7 +99,7 @@ class ComfySession:
 
         self.headless = comfy_runtime.Headless(
             self.root, models=self.work / "models", input=self.work / "input", output=self.work / "output",
-            temp=self.work / "temp", custom_nodes=self.work / "custom_nodes", extra_sys_path=standin,
+            temp=self.work / "temp", custom_nodes=self.work / "custom_nodes", extra_sys_path=self.standin_paths,
             cpu=not torch.cuda.is_available(), model_kinds=("checkpoints", "controlnet", "loras"),
             progress_hook=progress_hook, pack_dir=REPO_ROOT, pack_name=PACK_DIR_NAME)
         self.nodes = self.headless.nodes

@@ -24,12 +24,15 @@ trap 'rm -f "$constraints"' EXIT
 pip_install -c "$constraints" -r requirements.txt -r tests/requirements-test.txt
 comfy=$("$PY" -c "import sys; sys.path.insert(0, 'tests'); from comfyui_harness import find_comfyui; print(find_comfyui() or '')")
 if [ -n "$comfy" ]; then
-  echo "ComfyUI found at $comfy: installing its headless dependencies (tests/requirements-comfyui.txt)"
-  # Its frontend / workflow-templates / docs packages at the exact versions this ComfyUI pins: its web server
-  # (used by tests/comfyui/test_browser.py) does not start with a workflow-templates package of another layout.
-  grep -E '^comfyui-(frontend-package|workflow-templates|embedded-docs)==' "$comfy/requirements.txt" \
-    >> "$constraints" || true
-  pip_install -c "$constraints" -r tests/requirements-comfyui.txt
+  # ComfyUI's own requirements, whichever release this is (newer ones add comfy-kitchen, comfy-aimdo, ...), less
+  # the packages that pull a CUDA torch of several GB (import-only stand-ins in tests/import_standins serve them)
+  # and the OpenGL ones for nodes the tests never run; plus what headless use needs (tests/requirements-comfyui.txt).
+  echo "ComfyUI found at $comfy: installing its dependencies (less the torch family) and tests/requirements-comfyui.txt"
+  comfy_reqs=$(mktemp)
+  trap 'rm -f "$constraints" "$comfy_reqs"' EXIT
+  grep -v -i -E '^[[:space:]]*(torch|torchvision|torchaudio|kornia|spandrel|comfy-angle|pyopengl)[[:space:]]*([<>=~!;[]|$)' \
+    "$comfy/requirements.txt" > "$comfy_reqs" || true
+  pip_install -c "$constraints" -r "$comfy_reqs" -r tests/requirements-comfyui.txt
 fi
 
 set +e

@@ -665,7 +665,6 @@ def write_all(h: headless.Headless, out_dir: Path = HERE, check: bool = False) -
 
 def main(argv=None) -> int:
     import argparse
-    import importlib.util
     import tempfile
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--comfyui", help="ComfyUI folder (default: $COMFYUI_PATH, then ~/comfy/ComfyUI)")
@@ -675,11 +674,13 @@ def main(argv=None) -> int:
     if root is None:
         print("build_workflows.py: error: ComfyUI not found; pass --comfyui PATH", file=sys.stderr)
         return 2
-    # Dev tool: where torchvision is missing, use the tests' import-only stand-in, as the test harness does.
-    standin = [] if importlib.util.find_spec("torchvision") else [str(HERE.parent / "tests" / "torchvision_standin")]
+    # Dev tool: where torchvision / torchaudio / spandrel are missing, the tests' import-only stand-ins, as the
+    # test harness uses them.
+    sys.path.append(str(HERE.parent / "tests"))
+    from comfyui_harness import import_standin_paths
     work = Path(tempfile.mkdtemp(prefix="sine_build_workflows_"))
     h = headless.Headless(root, models=work / "models", input=work / "input", output=work / "output",
-                          temp=work / "temp", extra_sys_path=standin, cpu=True)
+                          temp=work / "temp", extra_sys_path=import_standin_paths(), cpu=True)
     if not h.pack_load_ok:
         print("build_workflows.py: error: ComfyUI could not import the pack", file=sys.stderr)
         return 2

@@ -44,7 +44,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from comfyui_harness import PACK_DIR_NAME, REPO_ROOT, SKIP_LINE, find_comfyui
+from comfyui_harness import PACK_DIR_NAME, REPO_ROOT, SKIP_LINE, find_comfyui, import_standin_paths
 
 WORKFLOWS_DIR = REPO_ROOT / "workflows"
 SCREENSHOTS_DIR = WORKFLOWS_DIR / "screenshots"
@@ -219,13 +219,8 @@ def server(comfy, fixtures, frontend, tmp_path_factory):
                            "  checkpoints: checkpoints\n  controlnet: controlnet\n  loras: loras\n", encoding="utf-8")
     (base / "user" / "default" / "comfy.settings.json").write_text(json.dumps(USER_SETTINGS), encoding="utf-8")
 
-    # Import-only stand-ins for packages with no build for the CPU torch used here (see their docstrings).
-    # (Asked of a fresh interpreter: this test process may already have the torchvision stand-in on sys.path.)
-    present = subprocess.run([sys.executable, "-c", "import importlib.util as u; print(*[m for m in "
-                              "('torchvision', 'spandrel') if u.find_spec(m)])"], capture_output=True, text=True,
-                             check=True).stdout.split()
-    standins = [str(REPO_ROOT / "tests" / folder) for folder, module in
-                (("torchvision_standin", "torchvision"), ("server_standins", "spandrel")) if module not in present]
+    # Import-only stand-ins for packages with no build for the CPU torch used here (tests/import_standins).
+    standins = import_standin_paths()
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(standins + [p for p in [os.environ.get("PYTHONPATH")] if p]))
     port = free_port()
     log = base / "server.log"

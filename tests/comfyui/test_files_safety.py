@@ -4,7 +4,7 @@ Save SINE Adapter numbers its files and never replaces a non-SINE file; a failed
 adapter; the cache key covers CLIP skip, the VAE, patch content and the training code; cache entries are bound to
 their key; non-finite and damaged files end in clear errors (files) or a retrain (cache entries); the crop-bank
 set-up shows progress and honours Cancel; absurd sizes are refused before starting; hostile save names end in clear
-errors; a symlinked loras subfolder (which ComfyUI lists) is accepted.
+errors; a symlinked loras subfolder takes saves where the ComfyUI under test allows it, else a clear error.
 """
 import importlib
 import json
@@ -107,15 +107,25 @@ def test_a_name_whose_temporary_name_would_be_too_long(comfy, fixtures):
     assert comfy.node_output("save", 0).endswith("_00001_.safetensors")
 
 
-def test_symlinked_loras_subfolder_is_accepted(comfy, fixtures, tmp_path):
+def test_symlinked_loras_subfolder_follows_comfyuis_save_rule(comfy, fixtures, tmp_path):
+    """ComfyUI 0.3.64 saves into a symlinked subfolder; newer ComfyUI (folder_paths.is_within_directory) refuses
+    any save that resolves outside the root. Either way Load SINE Adapter reads from it, and `..` is refused."""
     target = tmp_path / "big_disk_loras"
     target.mkdir()
     link = loras(comfy) / "linked"
     if not link.exists():
         link.symlink_to(target, target_is_directory=True)
-    comfy.run(save_graph(fixtures, "linked/dog"))
-    assert comfy.node_output("save", 0) == "linked/dog_00001_.safetensors"
-    assert (target / "dog_00001_.safetensors").is_file()
+    if hasattr(comfy.folder_paths, "is_within_directory"):
+        for overwrite in (False, True):
+            expect_error(comfy, save_graph(fixtures, "linked/dog", overwrite=overwrite), "Save SINE Adapter",
+                         "'filename'", "link to a folder outside the loras folder", "extra_model_paths.yaml")
+        assert not any(target.iterdir())
+        comfy.run(save_graph(fixtures, "files_safety/for_the_link"))  # a real subfolder takes it; then moved
+        (loras(comfy) / comfy.node_output("save", 0)).rename(target / "dog_00001_.safetensors")
+    else:
+        comfy.run(save_graph(fixtures, "linked/dog"))
+        assert comfy.node_output("save", 0) == "linked/dog_00001_.safetensors"
+        assert (target / "dog_00001_.safetensors").is_file()
     comfy.run(load_graph(fixtures, "linked/dog_00001_.safetensors"))
     expect_error(comfy, save_graph(fixtures, "linked/../../escape"), "'filename'", "leave the loras folder")
 

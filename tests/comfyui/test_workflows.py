@@ -202,9 +202,8 @@ def test_validation_and_execution_errors_carry_comfyuis_message(runner, fixtures
 # ---- the command line ------------------------------------------------------------------------------------------
 def cli(comfy, *args, timeout=900):
     env = dict(os.environ)
-    standin = str(REPO_ROOT / "tests" / "torchvision_standin")
-    if standin in sys.path:  # the harness needed it in this process (no torchvision): the CLI needs it too
-        env["PYTHONPATH"] = os.pathsep.join([p for p in (env.get("PYTHONPATH"), standin) if p])
+    if comfy.standin_paths:  # the harness needed import stand-ins in this process: the CLI needs them too
+        env["PYTHONPATH"] = os.pathsep.join([p for p in (env.get("PYTHONPATH"), *comfy.standin_paths) if p])
     cmd = [sys.executable, str(WORKFLOWS_DIR / "headless.py"), *map(str, args)]
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=str(comfy.work))
 
