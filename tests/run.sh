@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The one test command (README.md): installs what the tests need into .venv-tests and runs them.
-#   bash tests/run.sh [extra pytest args]
+#   bash tests/run.sh [test paths] [extra pytest args]
 # Pure-torch tier always; the ComfyUI tier too when ComfyUI is found at $COMFYUI_PATH or ~/comfy/ComfyUI.
 # SINE_REQUIRE_COMFYUI_TIER=1 (set by .ci/run): a ComfyUI tier that cannot run or did not run fails the run.
 set -euo pipefail
@@ -35,8 +35,13 @@ if [ -n "$comfy" ]; then
   pip_install -c "$constraints" -r "$comfy_reqs" -r tests/requirements-comfyui.txt
 fi
 
+# Test paths among the arguments replace the default `tests` (e.g. `bash tests/run.sh tests/comfyui/test_sdxl.py`).
+targets=(tests)
+for arg in "$@"; do
+  [[ "$arg" != -* && -e "${arg%%::*}" ]] && targets=()
+done
 set +e
-"$PY" -m pytest tests -q -p no:cacheprovider -rfE "$@"
+"$PY" -m pytest "${targets[@]}" -q -p no:cacheprovider -rfE "$@"
 rc=$?
 set -e
 [ $rc -eq 5 ] && { echo "no tests collected"; rc=0; }

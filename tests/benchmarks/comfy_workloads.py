@@ -2,8 +2,9 @@
 
 Only stable interfaces: ComfyUI started by tests/comfyui_harness.py with this pack loaded, the random-weight
 fixtures of tests/comfyui_fixtures.py, nodes looked up by node id in ComfyUI's NODE_CLASS_MAPPINGS (this pack's
-SINE_* nodes and ComfyUI's own), ComfyUI's model management, and ComfyUI's model API (apply_model). No module
-of the pack is imported: its internals are free to change.
+SINE_* nodes and ComfyUI's own), ComfyUI's model management, and ComfyUI's model API (apply_model). Of the pack
+only sine_ops.training.normal_tensor_view is imported (plain torch: how a weight made under inference mode becomes
+trainable, one way for the pack and its benchmarks); its other internals are free to change.
 """
 from __future__ import annotations
 
@@ -17,6 +18,8 @@ from pathlib import Path
 TESTS = Path(__file__).resolve().parent.parent
 if str(TESTS) not in sys.path:
     sys.path.insert(0, str(TESTS))
+if str(TESTS.parent) not in sys.path:
+    sys.path.append(str(TESTS.parent))  # appended: ComfyUI's own top-level `nodes` must win over the pack's nodes/
 
 FIXTURE_SEED = 1234
 PROMPT = "photo of a sks dog"
@@ -159,25 +162,18 @@ class BareUNet:
     def __init__(self, model, cond, size: int, autocast=None):
         import torch
         import comfy.model_management as mm
+        from sine_ops.training import normal_tensor_view
         self.torch, self.autocast = torch, autocast
         self.latent = size // 8
         with torch.inference_mode(False):
             self.model = model.clone()
             for name, p in self.model.model.named_parameters():
                 if name.startswith("diffusion_model."):
-                    self.model.add_object_patch(name, torch.nn.Parameter(self._view(p.detach()), requires_grad=False))
+                    self.model.add_object_patch(
+                        name, torch.nn.Parameter(normal_tensor_view(p.detach()), requires_grad=False))
             mm.load_models_gpu([self.model], force_full_load=True)
             self.device = mm.get_torch_device()
             self.cond = cond[0][0].clone().to(self.device)  # CONDITIONING: [[tensor, extras], ...]
-
-    def _view(self, t):
-        torch = self.torch
-        if not t.is_inference():
-            return t
-        with torch.inference_mode(False):
-            view = torch.empty(0, dtype=t.dtype, device=t.device)
-            view.set_(t.untyped_storage(), t.storage_offset(), t.size(), t.stride())
-        return view
 
     def step(self) -> None:
         torch = self.torch
