@@ -13,6 +13,7 @@ from ..sine_ops.config import (LAYER_SETS, METHODS, PRECISIONS, PRESETS, RESIZE_
 from .previews import loss_curve_image
 from . import memory_guard
 from . import training_cache
+from . import comfy_compat as compat
 from . import model_patching as mp
 from .adapter_nodes import adapter_outputs
 from .errors import InputError, node_errors
@@ -210,11 +211,20 @@ class SineFinetune(io.ComfyNode):
                                         resize=resize, resolution=resolution, clip_grad_norm=clip_grad_norm)
             validate(settings, image, source_prompt)
             mask = validated_mask(mask)
+            refuse_quantized(model, clip, settings)
             adapter = train_or_reuse(model, clip, vae, image, source_prompt, settings, patch_config, mask,
                                      continue_from, save_every, use_disk=disk_cache)
             ft_model, ft_clip, cond = adapter_outputs(model, clip, adapter)
         return io.NodeOutput(ft_model, ft_clip, cond, adapter, loss_curve_image(adapter.losses),
                              {"loss": list(adapter.losses)})
+
+
+def refuse_quantized(model, clip, settings: FinetuneSettings) -> None:
+    """Before anything reads the weights (the cache key digests them): training backpropagates through the base
+    model, which quantized (QuantizedTensor) weights do not support in this pack."""
+    compat.refuse_quantized_training(mp.unet_layers(model, "all"), "model")
+    if settings.text_encoder != "off":
+        compat.refuse_quantized_training(mp.text_encoder_layers(clip, "full"), "clip")
 
 
 def train_or_reuse(model, clip, vae, image, source_prompt, settings: FinetuneSettings, patch_config, mask,

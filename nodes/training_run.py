@@ -186,7 +186,6 @@ def _frozen_cond(clip, tokens) -> tuple:
 def _new_adapter(model, clip, family, source_prompt, settings: FinetuneSettings, patch, generator) -> SineAdapter:
     """Fresh adapters for the chosen layers (LoRA up = 0 / zero deltas: the fine-tuned model starts at the base)."""
     unet_layers = mp.unet_layers(model, settings.layers)
-    compat.refuse_quantized_training(unet_layers, "model")
     if settings.method == "lora":
         largest = max(mp.max_lora_rank(m) for _, m in unet_layers)
         if settings.lora_rank > largest:

@@ -11,6 +11,10 @@ Widget order, which inputs are sockets and which are widgets, output names and u
 from the node definitions of the ComfyUI this runs against (headless.widget_slots has the frontend's rules), so
 a node whose inputs change makes the generated files change; tests/comfyui/test_workflows.py checks that the
 committed files are what this script generates. --check only compares and exits 1 when a file is stale.
+
+The committed files are generated against ComfyUI GENERATED_WITH (the release CI runs). A newer ComfyUI writes
+slightly different files (e.g. 0.33.0 gives PreviewImage / SaveImage an IMAGE output); the committed ones still
+open there (tests/comfyui/test_browser.py, run against 0.33.0 and its frontend too).
 """
 from __future__ import annotations
 
@@ -22,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+GENERATED_WITH = "0.3.64"  # comfyui_version.__version__ of the ComfyUI the committed files are generated against
 HERE = Path(__file__).resolve().parent
 if str(HERE) not in sys.path:
     sys.path.append(str(HERE))
@@ -657,7 +662,7 @@ def write_all(h: headless.Headless, out_dir: Path = HERE, check: bool = False) -
                     path.write_text(text, encoding="utf-8")
         thumb = out_dir / f"{name}.jpg"
         if not check:
-            render_thumbnail(ui, title, thumb, lambda t: h.object_info(t).get("display_name", t))
+            render_thumbnail(ui, title, thumb, lambda t: h.object_info(t).get("display_name") or t)
         elif not thumb.exists():
             changed.append(thumb)
     return changed
@@ -684,6 +689,10 @@ def main(argv=None) -> int:
     if not h.pack_load_ok:
         print("build_workflows.py: error: ComfyUI could not import the pack", file=sys.stderr)
         return 2
+    import comfyui_version
+    if comfyui_version.__version__ != GENERATED_WITH:
+        print(f"build_workflows.py: warning: the committed files are generated against ComfyUI {GENERATED_WITH}; "
+              f"this is {comfyui_version.__version__}, whose files differ", file=sys.stderr)
     changed = write_all(h, check=args.check)
     for path in changed:
         print(("stale: " if args.check else "wrote: ") + str(path.relative_to(HERE.parent)))

@@ -108,6 +108,10 @@ def test_ui_workflow_converts_to_its_api_twin_and_both_validate(runner, fixtures
 
 
 def test_committed_files_are_what_the_generator_writes(runner):
+    import comfyui_version
+    if comfyui_version.__version__ != build_workflows.GENERATED_WITH:
+        pytest.skip(f"the committed workflows are generated against ComfyUI {build_workflows.GENERATED_WITH}; this is "
+                    f"{comfyui_version.__version__} (test_browser.py checks that they open here)")
     built = build_workflows.build_all(runner.object_info)
     assert sorted(built) == sorted(NAMES)
     for name, (ui, api, _title) in built.items():
