@@ -125,4 +125,3 @@ def check_save_folder(root: str, folder: str, input_name: str) -> None:
                                      f"folder ({os.path.realpath(folder)}); this ComfyUI saves only inside "
                                      f"{root}. Save into a real subfolder, or add the other folder as a loras "
                                      "path in extra_model_paths.yaml")
-

@@ -1,9 +1,12 @@
 """nodes/comfy_compat.py: the pack's own branching for newer ComfyUI, against stand-in objects.
 
 These tests check which branch the pack takes for a capability (a dynamic-VRAM patcher, the in_training flag,
-a cast Linear that is not an nn.Linear, a quantized weight class). They do not check
-newer ComfyUI's behaviour, which cannot run here; the 0.3.64 branches are exercised by the rest of the suite.
+a cast Linear that is not an nn.Linear, a quantized weight class, a link-resolving save check). They do not check
+newer ComfyUI's behaviour: the suite runs on 0.3.64 in CI, and on 0.33.0 by hand (README "Compatibility"), where
+the real objects replace these stand-ins; dynamic VRAM needs CUDA and runs in neither.
 """
+import os
+
 import pytest
 import torch
 
@@ -95,3 +98,25 @@ def test_quantized_weights_are_refused_for_training_with_the_checkpoint_type(com
 
 def test_quantized_check_without_quant_ops_is_false(compat):
     assert compat.is_quantized(torch.zeros(2)) is False  # 0.3.64: no comfy.quant_ops module
+
+
+def test_save_folder_check_follows_comfyuis_link_resolving_rule_when_it_has_one(compat, comfy, tmp_path,
+                                                                                monkeypatch):
+    """folder_paths.is_within_directory (folder_paths.py @ 4effd056, realpath on both sides) is what newer ComfyUI
+    saves by; where it is missing (0.3.64) any folder under the root takes saves."""
+    root, elsewhere = tmp_path / "loras", tmp_path / "elsewhere"
+    (root / "real").mkdir(parents=True)
+    elsewhere.mkdir()
+    (root / "linked").symlink_to(elsewhere, target_is_directory=True)
+    monkeypatch.delattr(comfy.folder_paths, "is_within_directory", raising=False)
+    compat.check_save_folder(str(root), str(root / "linked"), "filename")  # no such check: accepted
+
+    def within(directory, target):  # the rule newer ComfyUI implements
+        return os.path.commonpath((os.path.realpath(directory), os.path.realpath(target))) == \
+            os.path.realpath(directory)
+    monkeypatch.setattr(comfy.folder_paths, "is_within_directory", within, raising=False)
+    compat.check_save_folder(str(root), str(root / "real"), "filename")
+    with pytest.raises(ValueError, match="'linked' is a link to a folder outside the loras folder.*"
+                                         "extra_model_paths.yaml"):
+        compat.check_save_folder(str(root), str(root / "linked"), "filename")
+
