@@ -194,11 +194,11 @@ def ensure_fixtures(models_dir: Path, input_dir: Path, seed: int, comfy_version:
     for f, folder in places.items():
         folder.mkdir(parents=True, exist_ok=True)
         link = folder / f.name
-        if link.exists():
-            continue
         if folder == input_dir:  # copied: newer ComfyUI refuses input files that resolve outside the input folder
-            shutil.copyfile(f, link)  # (folder_paths.is_within_directory, Comfy-Org/ComfyUI 0.33.0 @ 783545f6)
-        else:
+            if link.is_symlink() or not link.exists():  # (folder_paths.is_within_directory, 0.33.0 @ 783545f6)
+                link.unlink(missing_ok=True)  # a link left in a reused work folder by an earlier version
+                shutil.copyfile(f, link)
+        elif not link.exists():
             link.symlink_to(f)
     return {"checkpoint": ckpt.name, "controlnet": cnet.name, "source_image": src.name, "hint_image": hint.name,
             "lora": lora.name}

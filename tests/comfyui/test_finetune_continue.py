@@ -54,7 +54,7 @@ def test_previews_are_emitted_and_decodable(comfy, fixtures):
     buf = bytes_io.BytesIO()
     image.save(buf, format=fmt)  # what ComfyUI's server does with it
     decoded = Image.open(bytes_io.BytesIO(buf.getvalue()))
-    assert decoded.size == image.size and torch.from_numpy(np.asarray(decoded)).float().std() > 0
+    assert decoded.size == image.size and torch.from_numpy(np.array(decoded)).float().std() > 0
 
 
 def test_loss_output_feeds_core_loss_graph_node(comfy, fixtures):
