@@ -679,7 +679,7 @@ def main(argv=None) -> int:
     if root is None:
         print("build_workflows.py: error: ComfyUI not found; pass --comfyui PATH", file=sys.stderr)
         return 2
-    # Dev tool: where torchvision / torchaudio / spandrel are missing, the tests' import-only stand-ins, as the
+    # Dev tool: the tests' import-only stand-ins for the packages ComfyUI imports but this machine lacks, as the
     # test harness uses them.
     sys.path.append(str(HERE.parent / "tests"))
     from comfyui_harness import import_standin_paths

@@ -1,13 +1,13 @@
 """Import-only stand-ins for packages that ComfyUI imports at module level but this pack's tests never use.
 
 torchvision and torchaudio have no build for the CPU torch wheel of the test tier; spandrel and kornia pull
-torchvision or a torch build of their own. ComfyUI imports them at module level in code the SD1.5 path never runs (ComfyUI 0.3.64: Stable Cascade, Cosmos;
-newer releases also `import torchaudio` in comfy/sd.py's import chain, comfy/ldm/lightricks/vae/audio_vae.py).
-Each of tests/import_standins/<name>/ is one sys.path entry holding one stand-in package, put on the path only
-when the real package is missing (tests/comfyui_harness.py: import_standin_paths). In a stand-in every attribute
-and submodule exists (`from torchvision.ops import roi_align`, `import torchaudio.functional as AF`, subclassing
-all import), and calling or instantiating any of them raises, so a real use fails loudly. Never shipped, never
-imported by the pack.
+torchvision or a torch build of their own. ComfyUI imports them at module level in code the SD1.5 path never
+runs (0.3.64: Stable Cascade, Cosmos; newer releases also `import torchaudio` in comfy/sd.py's import chain,
+comfy/ldm/lightricks/vae/audio_vae.py). Each of tests/import_standins/<name>/ is one sys.path entry holding one
+stand-in package, put on the path only when the real package is missing (tests/comfyui_harness.py:
+import_standin_paths). In a stand-in every attribute and submodule exists (`from torchvision.ops import
+roi_align`, `import torchaudio.functional as AF`, subclassing all import), and calling or instantiating any of
+them raises, so a real use fails loudly. Never shipped, never imported by the pack.
 
 spandrel matters to the browser test: without it ComfyUI skips comfy_extras/nodes_upscale_model.py, so "Load
 Upscale Model" is missing from /object_info, and ComfyUI's frontend (whose model-to-node table lists it) fails
