@@ -23,6 +23,7 @@ import folder_paths
 from ..sine_ops.adapter_file import TEMP_SUFFIX, AdapterFileError, load_adapter_file, save_adapter_file
 from ..sine_ops.config import FinetuneSettings, PatchConfig
 from ..sine_ops.sine_adapter import SineAdapter
+from ..sine_ops.tensor_views import normal_view
 from ..sine_ops.training_data import as_rgb
 
 log = logging.getLogger("sine")
@@ -110,8 +111,9 @@ def _module_digest(module: torch.nn.Module) -> str:
 
 def _tensor_digest(t: torch.Tensor) -> str:
     """dtype, shape, float64 sum and sum of squares of all elements, and the bytes of a strided sample: any
-    weight change worth a cache miss changes one of them."""
-    t = t.detach()
+    weight change worth a cache miss changes one of them. Read through a view of the storage: a model weight may
+    be in the state a GPU offload outside inference mode leaves it, where any other view fails (tensor_views)."""
+    t = normal_view(t) if type(t) in (torch.Tensor, torch.nn.Parameter) else t.detach()  # subclasses: as they are
     flat = t.reshape(-1)
     head = f"{t.dtype}{tuple(t.shape)}"
     if not t.is_floating_point():

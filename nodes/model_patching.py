@@ -10,6 +10,8 @@ Everything goes through ModelPatcher object patches on clones, so the user's MOD
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 import comfy.model_management
@@ -19,7 +21,7 @@ from ..sine_ops.adapters import AdaptedForward, FullDelta, LoRA, RowRouter, adap
 from ..sine_ops.config import LAYER_SETS, TEXT_ENCODER_LORA_LAYERS
 from ..sine_ops.positional_grid import add_grid_to_rows, grid_for_boxes, positional_grid
 from ..sine_ops.sine_adapter import SineAdapter
-from ..sine_ops.training import normal_tensor_view
+from ..sine_ops.tensor_views import normal_view
 from . import comfy_compat as compat
 from .errors import InputError
 
@@ -62,7 +64,8 @@ def text_encoder_layers(clip, mode: str) -> list[tuple[str, torch.nn.Module]]:
 def max_lora_rank(module: torch.nn.Module) -> int:
     """Largest useful LoRA rank of a layer: min(out, fan_in). Smaller layers (e.g. the 4-channel output conv)
     get their full rank instead of the requested one; see SineFinetune's lora_rank tooltip."""
-    return min(module.weight.shape[0], module.weight[0].numel())
+    out_features, *fan_in = module.weight.shape  # the shape only: the weight may be mid-move (see tensor_views)
+    return min(out_features, math.prod(fan_in))
 
 
 def new_adapter(module: torch.nn.Module, method: str, rank: int, alpha: float, generator: torch.Generator):
@@ -131,14 +134,58 @@ class RoutingWrapper:
             return apply_model(args["input"], args["timestep"], **args["c"])
 
 
-def attach_trainable_views(patcher, prefix: str = "") -> None:
-    """Frozen, autograd-safe views of the base weights for a training clone (see normal_tensor_view).
+class WeightViews:
+    """Zero-copy normal views of frozen weights (sine_ops.tensor_views), made once per weight and shared by the
+    layers of one training run. A view keeps the storage it was taken of alive, so they are released before
+    ComfyUI may move weights (else a moved model would be held twice) and when the run ends."""
 
-    The user's parameters keep their storage and their requires_grad flags; only this clone sees the views.
+    def __init__(self):
+        self._views: dict[int, tuple[torch.Tensor, int, torch.Tensor]] = {}  # id -> (weight, address, view)
+
+    def of(self, weight: torch.Tensor) -> torch.Tensor:
+        entry = self._views.get(id(weight))
+        if entry is None or entry[0] is not weight or entry[1] != weight.data_ptr():
+            entry = self._views[id(weight)] = (weight, weight.data_ptr(), normal_view(weight))
+        return entry[2]
+
+    def release(self) -> None:
+        self._views.clear()
+
+
+class TrainableWeights:
+    """Replacement for a layer's forward on a training clone: the layer runs on normal views of its own weights,
+    which autograd can save (ComfyUI's weights are inference tensors), then gets its weights back.
+
+    The views are of the weights ComfyUI has loaded for this clone at call time: on a GPU, after this clone's
+    weight patches (e.g. a LoRA on the input MODEL) were applied and any other clone's removed. Nothing stays
+    swapped between calls, so ComfyUI's loads and offloads only ever see its own parameters. `inner` is the forward
+    the layer already had on the clone (an adapter's AdaptedForward, an input guard), None for the class forward.
     """
-    for name, p in patcher.model.named_parameters():
-        if name.startswith(prefix):
-            patcher.add_object_patch(name, torch.nn.Parameter(normal_tensor_view(p.detach()), requires_grad=False))
+
+    def __init__(self, module: torch.nn.Module, views: WeightViews, inner=None):
+        self.module, self.views, self.inner = module, views, inner
+
+    def __call__(self, *args, **kwargs):
+        params = self.module._parameters
+        own = {name: p for name, p in params.items() if p is not None}
+        for name, p in own.items():
+            params[name] = self.views.of(p)
+        try:
+            if self.inner is not None:
+                return self.inner(*args, **kwargs)
+            return type(self.module).forward(self.module, *args, **kwargs)
+        finally:
+            params.update(own)
+
+
+def attach_trainable_weights(patcher, views: WeightViews, prefix: str = "") -> None:
+    """Every layer with weights under `prefix` of a training clone runs on autograd-safe views of them (see
+    TrainableWeights); forwards already patched on the clone run inside. The user's modules keep their parameters;
+    only this clone's forwards change."""
+    for name, module in patcher.model.named_modules():
+        if name and name.startswith(prefix) and any(p is not None for p in module._parameters.values()):
+            key = f"{name}.forward"
+            patcher.add_object_patch(key, TrainableWeights(module, views, patcher.object_patches.get(key)))
 
 
 def _clone_input_forward(module):
@@ -150,7 +197,8 @@ def _clone_input_forward(module):
 
 
 def attach_inplace_guards(patcher) -> None:
-    """Training clone of a text encoder: LayerNorms see a copy of their input.
+    """Training clone of a text encoder: LayerNorms see a copy of their input. Call before
+    attach_trainable_weights, which wraps these forwards.
 
     ComfyUI's CLIP layers update the residual stream in place (`x += attn(norm(x))`), which overwrites the
     tensor LayerNorm saved for its backward pass; a copy keeps it intact (~300 KB per layer at 77 tokens).

@@ -2,7 +2,9 @@
 latents, the adapters train on patched clones, the input MODEL and CLIP are only read.
 
 ComfyUI runs nodes under torch.inference_mode, whose tensors autograd refuses: everything trainable is created
-inside inference_mode(False), and inputs made in inference mode are cloned or viewed first.
+inside inference_mode(False), and inputs made in inference mode are cloned or viewed first. Every call that lets
+ComfyUI load, offload or encode goes back into inference mode (comfy_call), so the weights the MODEL, CLIP and VAE
+share with every other node are only ever copied the way ComfyUI copies them.
 """
 from __future__ import annotations
 
@@ -44,6 +46,7 @@ class TrainingSetup:
     fixed_cond: tuple | None         # the prompt's conditioning when the text encoder is frozen
     device: torch.device
     dtype: torch.dtype | None        # autocast dtype, None = fp32
+    views: mp.WeightViews            # the frozen weights' autograd-safe views, released before every load
 
 
 Checkpoint = Callable[[SineAdapter], None]
@@ -75,11 +78,35 @@ def run_finetune(model, clip, vae, image, source_prompt: str, settings: Finetune
             raise
         finally:
             setup.adapter.requires_grad_(False)
+            setup.views.release()
             setup.model = setup.clip = None
-            comfy.model_management.cleanup_models_gc()
-            comfy.model_management.soft_empty_cache()
+            comfy_call(comfy.model_management.cleanup_models_gc)
+            comfy_call(comfy.model_management.soft_empty_cache)
         adapter = _snapshot(setup.adapter, progress, prior, copy_params=False)
         return adapter, adapter.losses
+
+
+def comfy_call(fn, *args, **kwargs):
+    """`fn(*args, **kwargs)`, a ComfyUI call that may load, offload or encode, run in inference mode as ComfyUI's
+    executor runs nodes; tensors in its result come back as normal tensors.
+
+    Training runs outside inference mode. A GPU load or offload made there copies the shared weights into normal
+    tensors inside inference Parameters, and every later view of them fails, in stock nodes too ("Inference
+    tensors do not track version counter"; sine_ops/tensor_views.py). Inside inference mode the copies are what
+    ComfyUI itself makes."""
+    with torch.inference_mode():
+        result = fn(*args, **kwargs)
+    return _normal_tensors(result)
+
+
+def _normal_tensors(value):
+    if torch.is_tensor(value):
+        return value.clone() if value.is_inference() else value  # a clone made here is a normal tensor
+    if isinstance(value, (list, tuple)):
+        return type(value)(_normal_tensors(v) for v in value)
+    if isinstance(value, dict):
+        return {k: _normal_tensors(v) for k, v in value.items()}
+    return value
 
 
 def _keep_stopped(on_stopped: Checkpoint, adapter: SineAdapter) -> None:
@@ -151,25 +178,27 @@ def _prepare(model, clip, vae, image, source_prompt, settings, patch, generator,
         except ValueError as e:
             raise InputError("patch_config", f"{e} (set in SINE Patch Resolution Config)") from None
     with torch.no_grad():
-        data = training_sampler(image.clone(), lambda px: model.model.process_latent_in(vae.encode(px).float().cpu()),
-                                settings, family, patch, generator, None if mask is None else mask.clone(),
+        data = training_sampler(image.clone(), lambda px: comfy_call(_encoded_latent, model, vae, px), settings,
+                                family, patch, generator, None if mask is None else mask.clone(),
                                 on_item=_interruptible)
         tokens = clip.tokenize(source_prompt)
-        fixed_cond = None if settings.text_encoder != "off" else _frozen_cond(clip, tokens)
+        fixed_cond = None if settings.text_encoder != "off" else \
+            comfy_call(lambda: clip.encode_from_tokens_scheduled(tokens)[0])
     train_base = compat.training_clone(model, "model")  # a non-dynamic model under newer ComfyUI's dynamic VRAM
     adapter = _new_adapter(train_base, clip, family, source_prompt, settings, patch, generator)
     router = RowRouter()  # no routing: every row is the fine-tuned model while training
     train_model = mp.patched_model(train_base, {0: adapter}, router)
-    mp.attach_trainable_views(train_model, "diffusion_model.")
+    views = mp.WeightViews()
+    mp.attach_trainable_weights(train_model, views, "diffusion_model.")
     if settings.gradient_checkpointing:
         mp.attach_gradient_checkpointing(train_model)
     train_clip = mp.patched_clip(compat.training_clip_clone(clip) if adapter.text_encoder else clip, adapter)
     if adapter.text_encoder:
-        mp.attach_trainable_views(train_clip.patcher)
         mp.attach_inplace_guards(train_clip.patcher)
+        mp.attach_trainable_weights(train_clip.patcher, views)
     device = mp.device_of(model)
     return TrainingSetup(data, adapter, train_model, train_clip, tokens, fixed_cond, device,
-                         _compute_dtype(settings.precision, device))
+                         _compute_dtype(settings.precision, device), views)
 
 
 def _interruptible(done: int, total: int) -> None:
@@ -178,9 +207,8 @@ def _interruptible(done: int, total: int) -> None:
     comfy.utils.ProgressBar(total).update_absolute(done, total)
 
 
-def _frozen_cond(clip, tokens) -> tuple:
-    cond, extra = clip.encode_from_tokens_scheduled(tokens)[0]
-    return cond.clone(), {k: v.clone() if torch.is_tensor(v) else v for k, v in extra.items()}
+def _encoded_latent(model, vae, pixels: torch.Tensor) -> torch.Tensor:
+    return model.model.process_latent_in(vae.encode(pixels).float().cpu())
 
 
 def _new_adapter(model, clip, family, source_prompt, settings: FinetuneSettings, patch, generator) -> SineAdapter:
@@ -214,16 +242,19 @@ def _compute_dtype(precision: str, device: torch.device):
 def _train_loop(s: TrainingSetup, settings: FinetuneSettings, progress: TrainProgress, start_step: int,
                 optimizer_state, prior_losses: list[float], save_every: int, checkpoint: Callable[[], None]) -> None:
     ms = s.model.model.model_sampling
-    comfy.model_management.load_models_gpu([s.model], force_full_load=True)
+    _load(s, s.model)
     transformer_options = s.model.model_options["transformer_options"]
     recon = s.adapter.patch is not None and s.adapter.patch.recon_loss
     last = {}  # the latest step's denoised prediction, for the live preview
 
     def loss_at_step(step: int) -> torch.Tensor:
         generator = step_generator(settings.seed, step)  # step k draws the same whatever step the run started at
+        fresh_crop = isinstance(s.data, FreshCropSampler)
+        if fresh_crop:  # its VAE encode may move the UNet off a small GPU: let go of views of where it was
+            s.views.release()
         latent, box, mask = s.data.draw(generator)
-        if isinstance(s.data, FreshCropSampler):  # the VAE encode may have moved the UNet off a small GPU
-            comfy.model_management.load_models_gpu([s.model], force_full_load=True)
+        if fresh_crop:
+            _load(s, s.model)
         x0, mask = latent.to(s.device), None if mask is None else mask.to(s.device)
         cond_entry = s.fixed_cond or _encode_trained_prompt(s)
         sigma, _, x = noisy_latent(ms, x0, generator)
@@ -264,7 +295,7 @@ def _step_reporter(s: TrainingSetup, total: int, prior_losses: list[float], prog
         preview = None
         if PREVIEW_EVERY_S is not None and (clock["preview"] is None or step == total or
                                             now - clock["preview"] >= PREVIEW_EVERY_S):
-            preview = previews.training_preview(prior_losses + progress.losses, decode(last["denoised"]))
+            preview = previews.training_preview(prior_losses + progress.losses, comfy_call(decode, last["denoised"]))
             clock["preview"] = now
         pbar.update_absolute(step, total, preview)
         if step % LOG_EVERY == 0 or step == total or now - clock["log"] >= LOG_EVERY_S:
@@ -277,8 +308,18 @@ def _step_reporter(s: TrainingSetup, total: int, prior_losses: list[float], prog
     return on_step
 
 
+def _load(s: TrainingSetup, patcher) -> None:
+    """Load a training clone the way ComfyUI loads models (a no-op when it is loaded), after letting go of the views
+    of weights the load may move."""
+    s.views.release()
+    comfy_call(comfy.model_management.load_models_gpu, [patcher], force_full_load=True)
+
+
 def _encode_trained_prompt(s: TrainingSetup) -> tuple:
+    # The encode itself runs with gradients, outside inference mode: the text encoder is loaded before it, so the
+    # load inside it finds it loaded and copies nothing.
+    _load(s, s.clip.patcher)
     cond_entry = s.clip.encode_from_tokens_scheduled(s.tokens)[0]
-    # encoding loads the text encoder, which may evict the UNet on a small GPU (a no-op otherwise)
-    comfy.model_management.load_models_gpu([s.model], force_full_load=True)
+    # loading the text encoder may have evicted the UNet on a small GPU (a no-op otherwise)
+    _load(s, s.model)
     return cond_entry

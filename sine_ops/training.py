@@ -106,20 +106,6 @@ def noisy_latent(schedule: Schedule, x0: torch.Tensor, generator: torch.Generato
     return sigma, noise, schedule.noise_scaling(sigma, noise, x0)
 
 
-def normal_tensor_view(t: torch.Tensor) -> torch.Tensor:
-    """A zero-copy view of `t` that autograd may save: tensors made under torch.inference_mode cannot be.
-
-    ComfyUI loads models inside inference mode, so their weights are inference tensors; a backward pass through
-    them fails ("Inference tensors cannot be saved for backward"). Sharing the storage avoids copying the model.
-    """
-    if not t.is_inference():
-        return t
-    with torch.inference_mode(False):
-        view = torch.empty(0, dtype=t.dtype, device=t.device)
-        view.set_(t.untyped_storage(), t.storage_offset(), t.size(), t.stride())
-    return view
-
-
 OptimizerState = list  # per trainable parameter, in order: {"step", "exp_avg", "exp_avg_sq"} CPU tensors, or {}
 
 

@@ -108,6 +108,11 @@ class ComfySession:
         self.sink = self.headless.sink
         self.executor = self.headless.executor
 
+    def reset_node_cache(self) -> None:
+        """Empty ComfyUI's node output cache (what the "free memory" of POST /free does: PromptExecutor.reset), so
+        the next prompt runs every node again, loaders included."""
+        self.headless.runner.executor.reset()
+
     def pack_module(self, dotted: str):
         """A module of this pack as ComfyUI imported it (its name starts with the pack's folder path),
         e.g. "nodes.glue" or "sine_ops.adapters"."""

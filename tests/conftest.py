@@ -23,8 +23,10 @@ _tier_tests_run: list[str] = []  # node ids of ComfyUI-tier tests that reached t
 
 def pytest_report_header(config):
     from comfyui_harness import SKIP_LINE, find_comfyui
+    import device_moves
     root = find_comfyui()
-    return f"ComfyUI tier: {root}" if root else SKIP_LINE
+    emulation = " (GPU weight copies emulated: tests/device_moves.py)" if device_moves.requested(config) else ""
+    return f"ComfyUI tier: {root}{emulation}" if root else SKIP_LINE
 
 
 COMFYUI_TIER = REPO_ROOT / "tests" / "comfyui"
@@ -39,6 +41,12 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.comfyui)
             if skip:
                 item.add_marker(skip)
+
+
+def pytest_addoption(parser):
+    parser.addoption("--emulate-device-moves", action="store_true", default=False,
+                     help="run the ComfyUI tier with ComfyUI's load/offload devices as cpu:0 / cpu:1, so every model "
+                          "move copies the weights as on a GPU (tests/device_moves.py; also SINE_EMULATE_DEVICE_MOVES=1)")
 
 
 def pytest_configure(config):
@@ -68,13 +76,25 @@ def pytest_sessionfinish(session, exitstatus):
 
 
 @pytest.fixture(scope="session")
-def comfy(tmp_path_factory):
+def comfy(tmp_path_factory, request):
     """The headless ComfyUI of this test process, with this pack loaded and test folders for models/input/output."""
     from comfyui_harness import ComfySession, SKIP_LINE, find_comfyui
     root = find_comfyui()
     if root is None:
         pytest.skip(SKIP_LINE)
-    return ComfySession(root, tmp_path_factory.mktemp("comfyui"))
+    session = ComfySession(root, tmp_path_factory.mktemp("comfyui"))
+    import device_moves
+    if device_moves.requested(request.config):
+        device_moves.install()  # before any model is loaded: the whole process copies on every move
+    return session
+
+
+@pytest.fixture
+def device_moves(comfy):
+    """This test under the GPU-copy emulation (tests/device_moves.py), whatever the rest of the process runs."""
+    import device_moves as emulation
+    with emulation.emulated(comfy):
+        yield
 
 
 @pytest.fixture(scope="session")

@@ -41,7 +41,7 @@ def variant(name: str, args) -> dict:
     cuda = torch.cuda.is_available()
 
     if name == "bare":
-        bare = w.BareUNet(model, w.encode_text(clip, w.PROMPT), args.size)
+        bare = w.BareUNet(s, model, w.encode_text(clip, w.PROMPT), args.size)
 
         def steps(n):
             t = timing.clock()

@@ -2,9 +2,9 @@
 
 Only stable interfaces: ComfyUI started by tests/comfyui_harness.py with this pack loaded, the random-weight
 fixtures of tests/comfyui_fixtures.py, nodes looked up by node id in ComfyUI's NODE_CLASS_MAPPINGS (this pack's
-SINE_* nodes and ComfyUI's own), ComfyUI's model management, and ComfyUI's model API (apply_model). Of the pack
-only sine_ops.training.normal_tensor_view is imported (plain torch: how a weight made under inference mode becomes
-trainable, one way for the pack and its benchmarks); its other internals are free to change.
+SINE_* nodes and ComfyUI's own), ComfyUI's model management, and ComfyUI's model API (apply_model). Of the pack's
+internals only the way SINE Finetune makes the UNet trainable is used (BareUNet: one way for the pack and its
+benchmarks); the others are free to change.
 """
 from __future__ import annotations
 
@@ -155,23 +155,21 @@ def sample(kind: str, model, *, positive, negative, size: int, steps: int, seed:
 
 class BareUNet:
     """The UNet's forward + backward (to its input) through ComfyUI's apply_model, no adapters: the floor of any
-    training step on this model. Runs on a clone of MODEL whose weights are swapped (ModelPatcher object patches)
-    for zero-copy views that autograd may save (ComfyUI loads weights under inference mode, and autograd refuses
-    inference tensors); the MODEL itself is not modified. autocast: e.g. torch.bfloat16 on CUDA, None = off."""
+    training step on this model. It runs the way SINE Finetune runs the UNet (the pack's own
+    nodes.model_patching.attach_trainable_weights on a clone, loaded in inference mode by
+    nodes.training_run.comfy_call), so the two differ only by what SINE adds; the MODEL itself is not modified.
+    autocast: e.g. torch.bfloat16 on CUDA, None = off."""
 
-    def __init__(self, model, cond, size: int, autocast=None):
+    def __init__(self, session, model, cond, size: int, autocast=None):
         import torch
         import comfy.model_management as mm
-        from sine_ops.training import normal_tensor_view
+        patching, training_run = session.pack_module("nodes.model_patching"), session.pack_module("nodes.training_run")
         self.torch, self.autocast = torch, autocast
         self.latent = size // 8
         with torch.inference_mode(False):
             self.model = model.clone()
-            for name, p in self.model.model.named_parameters():
-                if name.startswith("diffusion_model."):
-                    self.model.add_object_patch(
-                        name, torch.nn.Parameter(normal_tensor_view(p.detach()), requires_grad=False))
-            mm.load_models_gpu([self.model], force_full_load=True)
+            patching.attach_trainable_weights(self.model, patching.WeightViews(), "diffusion_model.")
+            training_run.comfy_call(mm.load_models_gpu, [self.model], force_full_load=True)
             self.device = mm.get_torch_device()
             self.cond = cond[0][0].clone().to(self.device)  # CONDITIONING: [[tensor, extras], ...]
 
@@ -186,6 +184,11 @@ class BareUNet:
 
     def close(self) -> None:
         self.model = self.cond = None
+
+
+def vae_decode(vae, latent: dict):
+    """IMAGE of a LATENT through ComfyUI's VAEDecode node (what follows every sampler in a user's graph)."""
+    return call_node("VAEDecode", samples=latent, vae=vae)[0]
 
 
 def vae_encode_crop(vae, size: int, seed: int = 0):

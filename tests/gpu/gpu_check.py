@@ -3,12 +3,17 @@
     COMFYUI_PATH=/path/to/ComfyUI python tests/gpu/gpu_check.py [--repeats 3] [--modes normal,lowvram]
     COMFYUI_PATH=/path/to/ComfyUI python tests/gpu/gpu_check.py --smoke      # tiny, CPU: exercises the code only
 
-Phases, all on the random-weight SD1.5-architecture fixture checkpoint (tests/comfyui_fixtures.py), 512x512:
+Phases, all on the random-weight SD1.5-architecture fixture checkpoint (tests/comfyui_fixtures.py), 512x512, in
+the order users meet the nodes (a plain render first, then the fine-tune, then SINE sampling):
+  ksampler      ComfyUI's KSampler, same model / size / steps / sampler / scheduler / seed as sine_sampling
   finetune      SINE_Finetune, LoRA (rank 16, attention layers), precision bf16 (autocast), --train-steps steps
   sine_sampling SINE_GuidedSampler, paper window (fine-tuned weight 0.3, 0.0-0.6), --sample-steps steps
-  ksampler      ComfyUI's KSampler, same model / size / steps / sampler / scheduler / seed
   bare_unet     the UNet's forward + backward (to its input) via ComfyUI's apply_model, bf16 autocast, no adapters
   vae_encode    one VAE encode of a 512 px crop (what a fresh crop per training step would add to each step)
+  user_flow     KSampler -> VAEDecode -> SINE Finetune -> SINE Guided Sampler -> VAEDecode, run twice in the
+                process (the second on a new seed, so it trains again): seconds per flow
+Before the phases each child renders once with KSampler and VAEDecode, as a user does before fine-tuning, and
+fine-tunes a small adapter for the sampling phases.
 Per phase: peak VRAM (torch.cuda.max_memory_allocated, reset at the phase start, after ComfyUI has unloaded
 every model, so it includes loading the phase's own weights), seconds per step (finetune / sampling: between the
 first and last step reported to ComfyUI's progress bar; bare_unet / vae_encode: a timed loop after one untimed
@@ -35,9 +40,9 @@ sys.path.insert(0, str(HERE.parent / "benchmarks"))
 import timing  # noqa: E402  (tests/benchmarks/timing.py: the one timing helper)
 
 MODE_FLAGS = {"normal": None, "lowvram": "lowvram", "novram": "novram"}
-PHASES = ("finetune", "sine_sampling", "ksampler", "bare_unet", "vae_encode")
+PHASES = ("ksampler", "finetune", "sine_sampling", "bare_unet", "vae_encode", "user_flow")
 UNITS = {"finetune": "step", "sine_sampling": "step", "ksampler": "step", "bare_unet": "step",
-         "vae_encode": "encode"}
+         "vae_encode": "encode", "user_flow": "flow"}
 
 
 def parse_args(argv=None):
@@ -92,6 +97,9 @@ def child(a) -> dict:
     model, clip, vae = w.load_checkpoint(fx)
     image = w.source_image(fx)
     pos, neg = w.encode_text(clip, w.EDIT), w.encode_text(clip, "")
+    # what a user has done before fine-tuning: a plain render, decoded
+    w.vae_decode(vae, w.sample("ksampler", model, positive=pos, negative=neg, size=64, steps=2, seed=rnd,
+                               sampler=a.sampler, scheduler=a.scheduler))
     # the adapter the sampling phases guide with (its values do not change the cost; 64 px keeps set-up short)
     ft = w.sine_finetune(model, clip, vae, image, steps=2, resolution=64, seed=rnd, rank=a.rank, layers=a.layers,
                          precision=precision)
@@ -127,7 +135,7 @@ def child(a) -> dict:
 
     def bare(r):
         def fn(st):
-            b = w.BareUNet(model, pos, a.size, autocast)
+            b = w.BareUNet(s, model, pos, a.size, autocast)
             b.step()  # untimed: first-call overheads
             t = timing.clock()
             for _ in range(a.loop):
@@ -146,8 +154,22 @@ def child(a) -> dict:
             return (timing.clock() - t) / a.loop
         return phase(fn)
 
-    variants = {"finetune": finetune, "sine_sampling": sampling("sine"), "ksampler": sampling("ksampler"),
-                "bare_unet": bare, "vae_encode": vae_encode}
+    def user_flow(r):
+        def fn(st):
+            t = timing.clock()
+            for i in range(2):
+                kw = dict(positive=pos, negative=neg, size=a.size, steps=a.sample_steps, seed=seed + r + i,
+                          sampler=a.sampler, scheduler=a.scheduler)
+                w.vae_decode(vae, w.sample("ksampler", model, **kw))
+                flow_ft = w.sine_finetune(model, clip, vae, image, steps=a.train_steps, resolution=a.size,
+                                          seed=seed + r + 100 * (i + 1), rank=a.rank, layers=a.layers,
+                                          precision=precision)
+                w.vae_decode(vae, w.sample("sine", model, **kw, adapter=flow_ft[3], source_conditioning=flow_ft[2]))
+            return (timing.clock() - t) / 2
+        return phase(fn)
+
+    variants = {"ksampler": sampling("ksampler"), "finetune": finetune, "sine_sampling": sampling("sine"),
+                "bare_unet": bare, "vae_encode": vae_encode, "user_flow": user_flow}
     stats = timing.interleaved(variants, repeats=1, warmup=1, log=lambda m: print(f"[{mode}] {m}", flush=True))
     info = {"device": torch.cuda.get_device_name() if cuda else f"cpu ({platform.processor() or platform.machine()})",
             "torch": torch.__version__, "comfyui": __import__("comfyui_version").__version__,
@@ -156,12 +178,25 @@ def child(a) -> dict:
 
 
 # ---- parent: interleave child processes of each mode, gather, print one table -----------------------------------
+def parent_argv(argv: list[str]) -> list[str]:
+    """The command line without an internal `--child MODE:ROUND` / `--child=MODE:ROUND` (other options that start
+    with "--child", e.g. `--child-timeout 240`, keep their value)."""
+    out, skip = [], False
+    for x in argv:
+        if skip:
+            skip = False
+        elif x == "--child":
+            skip = True
+        elif not x.startswith("--child="):
+            out.append(x)
+    return out
+
+
 def run_child(a, mode: str, rnd: int) -> dict:
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     if a.smoke:
         env["CUDA_VISIBLE_DEVICES"] = ""  # --smoke is a CPU run even on a GPU machine
-    argv = [x for x in sys.argv[1:] if not x.startswith("--child")]
-    cmd = [sys.executable, str(Path(__file__).resolve()), *argv, "--child", f"{mode}:{rnd}"]
+    cmd = [sys.executable, str(Path(__file__).resolve()), *parent_argv(sys.argv[1:]), "--child", f"{mode}:{rnd}"]
     try:
         out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=a.child_timeout)
     except subprocess.TimeoutExpired:

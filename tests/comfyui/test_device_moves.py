@@ -1,0 +1,130 @@
+"""Every node order a user can produce, under the GPU-copy emulation (tests/device_moves.py; issue 18).
+
+On a GPU, ComfyUI copies every weight on each load and offload. A copy made outside inference mode leaves an
+inference Parameter holding a normal tensor, and every later view of it raises "Inference tensors do not track
+version counter" in this pack and in stock nodes alike. These tests run the orders users meet (stock nodes after
+SINE Finetune, two fine-tunes, sampling then "Unload Models" then a fine-tune, the whole flow twice) with every
+move copying, and check that each prompt succeeds, gives finite results, and trains what a run without the
+emulation trains.
+"""
+import torch
+
+import device_moves as emulation
+from workflows_api import finetune_graph, sine_sample_graph, txt2img
+
+SIZE = 64
+
+
+def finetune(fixtures, seed, **inputs):
+    g = finetune_graph(fixtures["checkpoint"], fixtures["source_image"], steps=3, lr=1e-3, seed=seed,
+                       resolution=SIZE, **inputs)
+    g["finetune"]["inputs"]["disk_cache"] = False  # each test trains: no hit from an earlier test's file
+    return g
+
+
+def stock_nodes_after(graph: dict) -> dict:
+    """`graph` plus the stock nodes that share its checkpoint's MODEL, CLIP and VAE: CLIPTextEncode -> KSampler ->
+    VAEDecode -> VAEEncode."""
+    return {**graph,
+            "stock_pos": {"class_type": "CLIPTextEncode", "inputs": {"text": "a dog", "clip": ["ckpt", 1]}},
+            "stock_latent": {"class_type": "EmptyLatentImage", "inputs": {"width": SIZE, "height": SIZE,
+                                                                          "batch_size": 1}},
+            "stock_sample": {"class_type": "KSampler", "inputs": {
+                "model": ["ckpt", 0], "positive": ["stock_pos", 0], "negative": ["stock_pos", 0],
+                "latent_image": ["stock_latent", 0], "seed": 1, "steps": 2, "cfg": 7.5, "sampler_name": "euler",
+                "scheduler": "normal", "denoise": 1.0}},
+            "stock_decode": {"class_type": "VAEDecode", "inputs": {"samples": ["stock_sample", 0],
+                                                                   "vae": ["ckpt", 2]}},
+            "stock_encode": {"class_type": "VAEEncode", "inputs": {"pixels": ["stock_decode", 0],
+                                                                   "vae": ["ckpt", 2]}},
+            "stock_save": {"class_type": "SaveLatent", "inputs": {"samples": ["stock_encode", 0],
+                                                                  "filename_prefix": "sine_moves"}}}
+
+
+def decoded(comfy) -> torch.Tensor:
+    return comfy.node_output("stock_decode", 0)
+
+
+def adapter_params(adapter) -> dict:
+    return {k: v.detach().clone() for k, v in adapter.named_parameters()}
+
+
+def unload_models_button(comfy):
+    """ComfyUI's "Unload Models" / POST /free: the prompt worker calls unload_all_models between prompts, outside
+    the executor's inference mode (main.py @ a125cd84, prompt_worker)."""
+    import comfy.model_management
+    comfy.model_management.unload_all_models()
+
+
+def test_stock_nodes_after_finetune(comfy, fixtures, device_moves):
+    comfy.run(stock_nodes_after(finetune(fixtures, seed=80)))
+    assert torch.isfinite(decoded(comfy)).all()
+    # and once more in a new prompt, after the fine-tune's models were offloaded and reloaded
+    comfy.reset_node_cache()
+    comfy.run(stock_nodes_after(finetune(fixtures, seed=81)))
+    assert torch.isfinite(decoded(comfy)).all()
+
+
+def test_finetune_then_finetune(comfy, fixtures, device_moves):
+    comfy.run(finetune(fixtures, seed=82))
+    comfy.run(finetune(fixtures, seed=83, text_encoder="lora"))
+    assert comfy.node_output("finetune", 3).text_encoder
+
+
+def test_sample_unload_all_then_finetune(comfy, fixtures, device_moves):
+    comfy.run(txt2img(fixtures["checkpoint"], "a dog", seed=1, size=SIZE, steps=2))
+    unload_models_button(comfy)
+    comfy.run(finetune(fixtures, seed=84))
+    unload_models_button(comfy)
+    comfy.run(stock_nodes_after(finetune(fixtures, seed=85)))
+    assert torch.isfinite(decoded(comfy)).all()
+
+
+def user_flow(fixtures, seed) -> dict:
+    """KSampler -> SINE Finetune -> SINE Guided Sampler -> VAEDecode, in one prompt (the example workflows' order)."""
+    g = sine_sample_graph(fixtures["checkpoint"], {}, edit="a dog in the snow", size=(SIZE, SIZE), steps=3)
+    g.update({k: v for k, v in finetune(fixtures, seed).items() if k not in ("ckpt",)})
+    g["first"] = {"class_type": "KSampler", "inputs": {**g["sample"]["inputs"]}}
+    for name in ("sine_adapter", "source_conditioning", "finetuned_weight", "start_percent", "end_percent"):
+        g["first"]["inputs"].pop(name)
+    g["first_decode"] = {"class_type": "VAEDecode", "inputs": {"samples": ["first", 0], "vae": ["ckpt", 2]}}
+    g["first_show"] = {"class_type": "PreviewImage", "inputs": {"images": ["first_decode", 0]}}
+    g["decode"] = {"class_type": "VAEDecode", "inputs": {"samples": ["sample", 0], "vae": ["ckpt", 2]}}
+    g["show"] = {"class_type": "PreviewImage", "inputs": {"images": ["decode", 0]}}
+    return g
+
+
+def test_user_flow_twice(comfy, fixtures, device_moves):
+    for seed in (86, 87):
+        comfy.run(user_flow(fixtures, seed))
+        assert torch.isfinite(comfy.node_output("decode", 0)).all()
+        assert torch.isfinite(comfy.node_output("first_decode", 0)).all()
+
+
+def test_emulated_finetune_trains_what_a_cpu_finetune_trains(comfy, fixtures):
+    """The weights the training reads under copying moves are the checkpoint's: same adapter as without them."""
+    graph = finetune(fixtures, seed=88, text_encoder="lora")
+    comfy.reset_node_cache()
+    comfy.run(graph)
+    plain = adapter_params(comfy.node_output("finetune", 3))
+    with emulation.emulated(comfy):
+        comfy.run(txt2img(fixtures["checkpoint"], "a dog", seed=1, size=SIZE, steps=2))  # models moved first
+        comfy.run(graph)
+        moved = adapter_params(comfy.node_output("finetune", 3))
+    assert plain.keys() == moved.keys()
+    worst = max((plain[k] - moved[k]).abs().max().item() for k in plain)
+    assert worst <= 1e-6, worst
+
+
+def test_emulation_copies_on_every_move(comfy, fixtures, device_moves):
+    """The emulation itself: a load really replaces the weight tensors (else these tests would prove nothing)."""
+    import comfy.model_management as mm
+    comfy.run(txt2img(fixtures["checkpoint"], "a dog", seed=1, size=SIZE, steps=1))
+    model = comfy.node_output("ckpt", 0)
+    weight = model.model.diffusion_model.out[2].weight
+    before = weight.data_ptr()
+    with torch.inference_mode():
+        mm.unload_all_models()
+        mm.load_models_gpu([model])
+    assert model.model.diffusion_model.out[2].weight.data_ptr() != before
+    assert mm.get_torch_device() == emulation.LOAD_DEVICE
