@@ -6,7 +6,7 @@ recording, cancel at a given step, and ComfyUI's errors raised as WorkflowError.
 workflows go through ComfyUI's own `validate_prompt` and `PromptExecutor`, and the pack is loaded by ComfyUI's own
 `init_extra_nodes` from a custom_nodes folder. The only stand-ins are (1) a minimal message sink in place of the
 aiohttp PromptServer (the executor only calls `send_sync` and reads `client_id` / `last_node_id` on it) and (2)
-import-only packages for torchvision / torchaudio / spandrel / kornia, used only where the real one is missing
+import-only packages for torchvision / torchaudio / spandrel / kornia / av, used only where the real one is missing
 (tests/import_standins/standin.py).
 """
 from __future__ import annotations
@@ -32,7 +32,7 @@ def find_comfyui() -> Path | None:
     return comfy_runtime.find_comfyui()
 
 
-STANDIN_PACKAGES = ("torchvision", "torchaudio", "spandrel", "kornia")
+STANDIN_PACKAGES = ("torchvision", "torchaudio", "spandrel", "kornia", "av")
 
 
 def import_standin_paths(python: str = sys.executable) -> list[str]:

@@ -37,3 +37,13 @@ def test_any_real_use_raises_naming_the_stand_in():
                  "import torchaudio\ntorchaudio.load('x.wav')\n"):
         out = run_with_standin("torchaudio", code)
         assert out.returncode != 0 and "import-only stand-in" in out.stderr, (code, out.stderr)
+
+
+def test_pyav_forms_comfyui_imports_at_module_level():
+    """comfy_api/latest/_ui.py and _input_impl/video_types.py @ a125cd84: `import av` and `from av.container
+    import InputContainer` / `from av.subtitles.stream import SubtitleStream`; a real use raises."""
+    out = run_with_standin("av", "import av\nfrom av.container import InputContainer\n"
+                                 "from av.subtitles.stream import SubtitleStream\nprint(InputContainer.__name__)\n")
+    assert out.returncode == 0 and out.stdout.strip() == "InputContainer", out.stderr
+    out = run_with_standin("av", "import av\nav.open('clip.mp4')\n")
+    assert out.returncode != 0 and "import-only stand-in" in out.stderr, out.stderr

@@ -50,8 +50,13 @@ def test_lora_model_samples_like_the_stock_lora_loader(comfy, fixtures):
               "node": ({"lora": lora_node(fixtures)}, ["lora", 0], ["lora", 1]),
               "applied": ({"lora": lora_node(fixtures), "apply": apply}, ["apply", 0], ["apply", 1])}
     # one UNet forward (1 step, cfg 1), then a 4-step CFG run, where rounding differences compound
-    for (steps, cfg), rel_tol in (((1, 1.0), 1e-3), ((4, 7.5), 1e-3)):
+    for steps, cfg in ((1, 1.0), (4, 7.5)):
         lat = _latents_with(comfy, fixtures, models, steps=steps, cfg=cfg)
+        # The stock loader rounds the merged weight to the UNet's storage dtype, ours adds the delta to the
+        # activations: on a GPU (fp16/bf16 UNet) the two round differently, by about that dtype's epsilon, which the
+        # random-weight network amplifies (seen on an H200, fp16: 0.35 on a scale of 238, 1.5e-3).
+        unet_dtype = comfy.node_output("ckpt", 0).model.get_dtype()
+        rel_tol = 1e-3 if unet_dtype == torch.float32 else 1e-2
         stock, scale = lat["stock"], float(lat["stock"].abs().max())
         effect = float((stock - lat["base"]).abs().max())
         diffs = {k: float((lat[k] - stock).abs().max()) for k in ("node", "applied")}

@@ -38,13 +38,15 @@ def test_grid_goes_on_finetuned_rows_only_and_off_equals_non_patch(comfy, fixtur
     model = comfy.node_output("ckpt", 0)
     off, plain = replace(adapter, grid_enabled=False), replace(adapter, patch=None)
     router = comfy.pack_module("sine_ops.adapters").RowRouter()
-    x = torch.randn(2, 4, 6, 10, generator=torch.Generator().manual_seed(0))
-    sigma = torch.tensor([3.0, 3.0])
-    cond = torch.randn(2, 77, 768, generator=torch.Generator().manual_seed(1))
+    import comfy.model_management
+    # apply_model is called directly here, so the inputs go to the model's device as a sampler would move them
+    device = comfy.model_management.get_torch_device()
+    x = torch.randn(2, 4, 6, 10, generator=torch.Generator().manual_seed(0)).to(device)
+    sigma = torch.tensor([3.0, 3.0]).to(device)
+    cond = torch.randn(2, 77, 768, generator=torch.Generator().manual_seed(1)).to(device)
 
     def predict(a, owner):
         m = patching.patched_model(model, {0: a}, router)
-        import comfy.model_management
         with torch.inference_mode(), router.route(owner):
             comfy.model_management.load_models_gpu([m])
             return m.model.apply_model(x, sigma, c_crossattn=cond,

@@ -3,7 +3,9 @@
 torchvision and torchaudio have no build for the CPU torch wheel of the test tier; spandrel and kornia pull
 torchvision or a torch build of their own. ComfyUI imports them at module level in code the SD1.5 path never
 runs (0.3.64: Stable Cascade, Cosmos; newer releases also `import torchaudio` in comfy/sd.py's import chain,
-comfy/ldm/lightricks/vae/audio_vae.py). Each of tests/import_standins/<name>/ is one sys.path entry holding one
+comfy/ldm/lightricks/vae/audio_vae.py). PyAV (`av`, a 35 MB wheel) is imported at module level by comfy_api's
+video and UI types (comfy_api/latest/_ui.py, _input_impl/video_types.py) and is missing on a bare CUDA image
+(../shared/gpu-kit). Each of tests/import_standins/<name>/ is one sys.path entry holding one
 stand-in package, put on the path only when the real package is missing (tests/comfyui_harness.py:
 import_standin_paths). In a stand-in every attribute and submodule exists (`from torchvision.ops import
 roi_align`, `import torchaudio.functional as AF`, subclassing all import), and calling or instantiating any of
