@@ -5,7 +5,7 @@ process, its executor) and headless.py (the command line).
 
 - Every UI workflow converts (with the live node definitions) to exactly its API twin, both validate in ComfyUI
   with the model/image names pointed at the random-weight fixtures, and the committed files are what
-  workflows/build_workflows.py generates from the live definitions.
+  tools/build_workflows.py generates from the live definitions.
 - Every workflow executes at 64-96 px, 2 sampling steps, 2 training steps through the runner's API.
 - The command line: one-line errors with exit status 2 (nothing run) or 1 (execution failed), and workflow (1)
   end to end writing a PNG.
@@ -23,7 +23,7 @@ from PIL import Image
 
 from comfyui_harness import REPO_ROOT
 
-import build_workflows  # noqa: E402  (workflows/ is on sys.path through comfyui_harness)
+import build_workflows  # noqa: E402  (tools/ and workflows/ are on sys.path through comfyui_harness)
 import workflow_graph  # noqa: E402
 from comfy_runtime import ExecutionError, ValidationError  # noqa: E402
 
@@ -83,7 +83,7 @@ def test_widget_layout_follows_the_frontend_rules(runner):
     assert [n for n, k in slots(runner.object_info("SINE_GuidedSampler")) if k == "value"] == [
         "seed", "steps", "cfg", "sampler_name", "scheduler", "denoise", "finetuned_weight", "start_percent",
         "end_percent", "outside_weight", "mask_feather"]
-    guider_sockets = workflow_graph.socket_inputs(runner.object_info("SINE_Guider"))
+    guider_sockets = build_workflows.socket_inputs(runner.object_info("SINE_Guider"))
     assert guider_sockets[-1] == ("extra_models", "SINE_GUIDANCE_STACK", True)
 
 
@@ -103,8 +103,8 @@ def test_ui_workflow_converts_to_its_api_twin_and_both_validate(runner, fixtures
                 src = next(n for n in ui["nodes"] if n["id"] == link[1])
                 assert inp["link"] in src["outputs"][link[2]]["links"]
     for workflow in (ui, api):
-        prompt = runner.prepare(workflow, **fixture_names(name, fixtures))
-        runner.validate(prompt, strict=True)
+        prompt = runner.editor.prepare(workflow, **fixture_names(name, fixtures))
+        runner.runner.validate(prompt, strict=True)
 
 
 def test_committed_files_are_what_the_generator_writes(runner):
@@ -115,8 +115,8 @@ def test_committed_files_are_what_the_generator_writes(runner):
     built = build_workflows.build_all(runner.object_info)
     assert sorted(built) == sorted(NAMES)
     for name, (ui, api, _title) in built.items():
-        assert load(name, api=False) == ui, f"workflows/{name}.json is stale: run workflows/build_workflows.py"
-        assert load(name, api=True) == api, f"workflows/api/{name}.json is stale: run workflows/build_workflows.py"
+        assert load(name, api=False) == ui, f"workflows/{name}.json is stale: run tools/build_workflows.py"
+        assert load(name, api=True) == api, f"workflows/api/{name}.json is stale: run tools/build_workflows.py"
         thumb = Image.open(WORKFLOWS_DIR / f"{name}.jpg")
         assert thumb.format == "JPEG" and thumb.size == (960, 540)
 
@@ -136,7 +136,7 @@ def test_comfyui_lists_the_workflows_as_templates_of_the_pack(comfy):
 # ---- running them ----------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("name", NAMES)
 def test_workflow_executes_on_the_fixtures(runner, fixtures, name):
-    prompt = runner.prepare(load(name, api=True), **tiny(name, fixtures))
+    prompt = runner.editor.prepare(load(name, api=True), **tiny(name, fixtures))
     assert all(n["inputs"]["steps"] == 2 for n in prompt.values() if n["class_type"] == "SINE_Finetune")
     result = runner.run(prompt, strict=True)
     saved = [runner.output_path(e) for out in result.outputs.values() for e in out.get("images", [])
@@ -148,7 +148,7 @@ def test_workflow_executes_on_the_fixtures(runner, fixtures, name):
 
 
 def test_overrides_map_onto_the_right_nodes(runner, fixtures):
-    prompt = runner.prepare(load("sine_edit_controlnet", api=True), prompt="photo of a cat", seed=9, steps=3,
+    prompt = runner.editor.prepare(load("sine_edit_controlnet", api=True), prompt="photo of a cat", seed=9, steps=3,
                             size=(80, 72), **fixture_names("sine_edit_controlnet", fixtures))
     by_title = {n["_meta"]["title"]: n["inputs"] for n in prompt.values()}
     assert by_title["Edit prompt (base CLIP)"]["text"] == "photo of a cat"  # through Apply ControlNet
@@ -158,7 +158,7 @@ def test_overrides_map_onto_the_right_nodes(runner, fixtures):
     assert (by_title["Empty Latent Image"]["width"], by_title["Empty Latent Image"]["height"]) == (80, 72)
     assert by_title["Image to edit"]["image"] == fixtures["source_image"]  # --image: the first Load Image
     assert by_title[HINT_TITLE]["image"] == fixtures["hint_image"]
-    two = runner.prepare(load("sine_two_models_content_style", api=True), seed=4, prompt="x",
+    two = runner.editor.prepare(load("sine_two_models_content_style", api=True), seed=4, prompt="x",
                          **fixture_names("sine_two_models_content_style", fixtures))
     inputs = {n["class_type"]: n["inputs"] for n in two.values()}
     assert inputs["RandomNoise"]["noise_seed"] == 4
@@ -176,13 +176,13 @@ def test_overrides_map_onto_the_right_nodes(runner, fixtures):
 def test_bad_overrides_are_refused_in_one_line(runner, fixtures, sets, message):
     kw = fixture_names("sine_finetune_and_edit", fixtures)
     with pytest.raises(workflow_graph.HeadlessError, match=message.replace("(", r"\(").replace(")", r"\)")) as e:
-        runner.prepare(load("sine_finetune_and_edit", api=True), **dict(kw, sets=kw["sets"] + sets))
+        runner.editor.prepare(load("sine_finetune_and_edit", api=True), **dict(kw, sets=kw["sets"] + sets))
     assert "\n" not in str(e.value) and e.value.exit_code == 2
 
 
 def test_missing_files_list_what_is_available(runner, fixtures):
     with pytest.raises(workflow_graph.HeadlessError) as e:
-        runner.prepare(load("sine_edit_controlnet", api=False))  # the UI file with its own names
+        runner.editor.prepare(load("sine_edit_controlnet", api=False))  # the UI file with its own names
     text = str(e.value)
     assert "'v1-5-pruned-emaonly.safetensors' not found in the checkpoints folders" in text
     assert fixtures["checkpoint"] in text and fixtures["controlnet"] in text and fixtures["source_image"] in text
@@ -191,12 +191,12 @@ def test_missing_files_list_what_is_available(runner, fixtures):
 
 def test_validation_and_execution_errors_carry_comfyuis_message(runner, fixtures):
     kw = tiny("sine_finetune_and_edit", fixtures)
-    bad = runner.prepare(load("sine_finetune_and_edit", api=True), **dict(kw, sets=kw["sets"] + [
+    bad = runner.editor.prepare(load("sine_finetune_and_edit", api=True), **dict(kw, sets=kw["sets"] + [
         "SINE_GuidedSampler.finetuned_weight=1.5"]))
     with pytest.raises(ValidationError, match="bigger than max.*finetuned_weight") as e:
         runner.run(bad, strict=True)
     assert e.value.exit_code == 2 and "\n" not in str(e.value)
-    failing = runner.prepare(load("sine_finetune_and_edit", api=True), **dict(kw, sets=kw["sets"] + [
+    failing = runner.editor.prepare(load("sine_finetune_and_edit", api=True), **dict(kw, sets=kw["sets"] + [
         "SINE_GuidedSampler.start_percent=0.8"]))
     with pytest.raises(ExecutionError, match="SINE_GuidedSampler.*is after 'end_percent'") as e:
         runner.run(failing, strict=True)
