@@ -77,8 +77,7 @@ class ComfySession:
         import torch
 
         self.standin_paths = import_standin_paths()
-        for sub in ("input", "output", "temp", "custom_nodes", "models/checkpoints", "models/controlnet",
-                    "models/loras"):
+        for sub in ("input", "output", "temp", "models/checkpoints", "models/controlnet", "models/loras"):
             (self.work / sub).mkdir(parents=True, exist_ok=True)
 
         def progress_hook(value, total, preview_image, prompt_id=None, node_id=None):
@@ -93,8 +92,7 @@ class ComfySession:
 
         self.headless = comfy_runtime.Headless(
             self.root, models=self.work / "models", input=self.work / "input", output=self.work / "output",
-            temp=self.work / "temp", custom_nodes=self.work / "custom_nodes", extra_sys_path=self.standin_paths,
-            cpu=not torch.cuda.is_available(), model_kinds=("checkpoints", "controlnet", "loras"),
+            temp=self.work / "temp", extra_sys_path=self.standin_paths, cpu=not torch.cuda.is_available(),
             progress_hook=progress_hook)
         self.nodes = self.headless.nodes
         self.execution = self.headless.execution

@@ -9,9 +9,9 @@ For every workflow below it writes
   workflows/<name>.jpg       a thumbnail: a drawing of the graph (the template browser shows it).
 Widget order, which inputs are sockets and which are widgets, output names and unset widget defaults all come
 from the node definitions of the ComfyUI this runs against (workflows/workflow_graph.py: widget_slots has the
-frontend's rules), so
-a node whose inputs change makes the generated files change; tests/comfyui/test_workflows.py checks that the
-committed files are what this script generates. --check only compares and exits 1 when a file is stale.
+frontend's rules), so a node whose inputs change makes the generated files change; tests/comfyui/test_workflows.py
+checks that the committed files are what this script generates. --check only compares and exits 1 when a file is
+stale. A development tool: it lives outside workflows/, which ComfyUI serves as the pack's templates.
 
 The committed files are generated against ComfyUI GENERATED_WITH (the release CI runs). A newer ComfyUI writes
 slightly different files (e.g. 0.33.0 gives PreviewImage / SaveImage an IMAGE output); the committed ones still

@@ -9,6 +9,7 @@ overrides are workflows/workflow_graph.py; the command line is workflows/headles
 from __future__ import annotations
 
 import asyncio
+import atexit
 import inspect
 import os
 import shutil
@@ -168,31 +169,30 @@ class Headless:
     """ComfyUI started in this process, headless, with this pack loaded by ComfyUI's custom-node loader.
 
     models / input / output / temp: folders to use instead of ComfyUI's own (models: DIR/<kind> is registered as
-    the default folder of every model kind, or only of `model_kinds`). custom_nodes: where the link to this pack
-    is made (default: a temporary folder, removed at exit). extra_sys_path: appended to sys.path before ComfyUI is
-    imported (e.g. an import-only stand-in for a missing package). cpu: None = CPU only when no CUDA/MPS/XPU
-    device exists. extra_model_paths: also read ComfyUI's extra_model_paths.yaml. progress_hook: comfy.utils'
-    global progress hook (value, total, preview, prompt_id, node_id), called with the executing node's ids filled
-    in; default: only honours ComfyUI's cancel.
+    the default folder of every model kind). The link to this pack is made in a temporary custom_nodes folder,
+    removed at exit. extra_sys_path: appended to sys.path before ComfyUI is imported (e.g. an import-only
+    stand-in for a missing package). cpu: None = CPU only when no CUDA/MPS/XPU device exists. extra_model_paths:
+    also read ComfyUI's extra_model_paths.yaml. progress_hook: comfy.utils' global progress hook (value, total,
+    preview, prompt_id, node_id), called with the executing node's ids filled in; default: only honours ComfyUI's
+    cancel.
 
     Prompts: `editor.prepare(workflow, **overrides)` (workflow_graph.PromptEditor) gives the API prompt to `run`;
     `runner` (PromptRunner) validates and executes separately.
     """
 
     def __init__(self, comfy_root: str | os.PathLike, *, models=None, input=None, output=None, temp=None,
-                 custom_nodes=None, extra_sys_path: Iterable[str] = (), cpu: bool | None = None,
-                 model_kinds: Iterable[str] | None = None, extra_model_paths: bool = False,
+                 extra_sys_path: Iterable[str] = (), cpu: bool | None = None, extra_model_paths: bool = False,
                  progress_hook: Callable | None = None):
         if _STARTED:
             raise HeadlessError("ComfyUI is already started in this process (it keeps global state; start it once)")
         self.root = Path(comfy_root)
-        self._tmp_custom_nodes = None
-        self.custom_nodes = self._custom_nodes_folder(custom_nodes)
+        self.custom_nodes = Path(tempfile.mkdtemp(prefix="sine_headless_nodes_"))
+        atexit.register(self._cleanup)
         self.folder_paths = _import_settings(self.root, extra_sys_path, cpu)
         if extra_model_paths:
             _load_extra_model_paths(self.root)
         if models is not None:
-            _use_models_folder(self.folder_paths, Path(models), model_kinds)
+            _use_models_folder(self.folder_paths, Path(models))
         for folder, setter in ((input, self.folder_paths.set_input_directory),
                                (output, self.folder_paths.set_output_directory),
                                (temp, self.folder_paths.set_temp_directory)):
@@ -203,23 +203,12 @@ class Headless:
         self._load_nodes(progress_hook)
         self.editor = PromptEditor(self.object_info, self.folder_paths)
 
-    def _custom_nodes_folder(self, custom_nodes) -> Path:
-        if custom_nodes is None:
-            custom_nodes = self._tmp_custom_nodes = Path(tempfile.mkdtemp(prefix="sine_headless_nodes_"))
-            import atexit
-            atexit.register(self._cleanup)
-        return Path(custom_nodes)
-
     def _link_pack(self):
         """custom_nodes/<PACK_DIR_NAME> -> this pack, and that folder as ComfyUI's only custom_nodes folder."""
-        self.custom_nodes.mkdir(parents=True, exist_ok=True)
-        link = self.custom_nodes / PACK_DIR_NAME
-        if not link.exists():
-            try:
-                link.symlink_to(PACK_ROOT, target_is_directory=True)
-            except OSError as e:
-                raise HeadlessError(f"cannot link the pack into {self.custom_nodes} ({e}); pass a custom_nodes "
-                                    "folder that already contains it") from None
+        try:
+            (self.custom_nodes / PACK_DIR_NAME).symlink_to(PACK_ROOT, target_is_directory=True)
+        except OSError as e:
+            raise HeadlessError(f"cannot link the pack into {self.custom_nodes} ({e})") from None
         self.folder_paths.folder_names_and_paths["custom_nodes"] = ([str(self.custom_nodes)], set())
 
     def _load_nodes(self, progress_hook: Callable | None):
@@ -243,12 +232,10 @@ class Headless:
         self.runner = PromptRunner(execution, self.sink, comfy.model_management.InterruptProcessingException)
 
     def _cleanup(self):
-        d = self._tmp_custom_nodes
-        if d is not None and d.exists():
-            link = d / PACK_DIR_NAME
-            if link.is_symlink():
-                link.unlink()
-            shutil.rmtree(d, ignore_errors=True)
+        link = self.custom_nodes / PACK_DIR_NAME
+        if link.is_symlink():
+            link.unlink()
+        shutil.rmtree(self.custom_nodes, ignore_errors=True)
 
     @property
     def pack_load_ok(self) -> bool:
@@ -322,14 +309,10 @@ def _load_extra_model_paths(root: Path):
         utils.extra_config.load_extra_path_config(str(yaml_path))
 
 
-def _use_models_folder(folder_paths, models: Path, model_kinds: Iterable[str] | None):
-    """models/<kind> as the default folder of every model kind (or of `model_kinds`), as ComfyUI lays them out."""
+def _use_models_folder(folder_paths, models: Path):
+    """models/<kind> as the default folder of every model kind, as ComfyUI lays them out."""
     default_models = folder_paths.models_dir
     folder_paths.models_dir = str(models)  # where packs put their own model folders (sine_cache)
-    if model_kinds is not None:
-        for kind in model_kinds:
-            folder_paths.add_model_folder_path(kind, str(models / kind), is_default=True)
-        return
     for kind, (paths, _) in list(folder_paths.folder_names_and_paths.items()):
         if kind == "custom_nodes":
             continue
