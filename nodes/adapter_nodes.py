@@ -28,7 +28,6 @@ def adapter_outputs(model, clip, adapter: SineAdapter):
 
 
 SUFFIX = ".safetensors"
-NUMBER_WIDTH = len("_00001_")  # ComfyUI's save nodes number files name_00001_.safetensors
 
 
 def _checked_name(name: str) -> str:

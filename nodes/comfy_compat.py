@@ -2,7 +2,8 @@
 
 Each branch names the newer Comfy-Org/ComfyUI file and commit it follows; the 0.3.64 branch is the one run by the
 test suite (ComfyUI 0.3.64, commit a125cd84). The newer branches are unit-tested against stand-in objects
-(tests/test_comfy_compat.py checks this module's branching, not ComfyUI's behaviour). See README "Compatibility".
+(tests/comfyui/test_comfy_compat.py checks this module's branching, not ComfyUI's behaviour). See
+docs/compatibility.md.
 """
 from __future__ import annotations
 

@@ -167,13 +167,9 @@ def _training_code_digest() -> str:
 
 
 # ---- entries --------------------------------------------------------------------------------------------------------
-def _path(key: str) -> str:
-    return os.path.join(cache_dir(), f"{key}.safetensors")
-
-
 def entry_path(key: str) -> str:
-    """The file of `key`'s entry (for log lines that name it)."""
-    return _path(key)
+    """The file of `key`'s entry."""
+    return os.path.join(cache_dir(), f"{key}.safetensors")
 
 
 def keys_with_prefix(prefix: str) -> list[str]:
@@ -188,7 +184,7 @@ def keys_with_prefix(prefix: str) -> list[str]:
 def load_cached(key: str) -> tuple[SineAdapter, list[float]] | None:
     """The cached adapter and its losses, or None: absent, or damaged / foreign / stale (then the entry is
     removed, so the next run trains and writes a good one)."""
-    path = _path(key)
+    path = entry_path(key)
     if not os.path.exists(path):
         return None
     try:
@@ -212,13 +208,13 @@ def store(key: str, adapter: SineAdapter, losses: list[float]) -> bool:
     one warning naming the folder and returns False (the caller still has the trained adapter)."""
     try:
         os.makedirs(cache_dir(), exist_ok=True)
-        save_adapter_file(adapter, _path(key), extra_metadata={KEY_FIELD: key, LOSSES_FIELD: json.dumps(losses)})
+        save_adapter_file(adapter, entry_path(key), extra_metadata={KEY_FIELD: key, LOSSES_FIELD: json.dumps(losses)})
     except Exception as e:  # best effort: a full or read-only disk must not cost the trained adapter
         log.warning(f"SINE Finetune: could not write the disk cache in {cache_dir()} ({type(e).__name__}: {e}); "
                     "the adapter is used but will be retrained after a restart. Free space or make the folder "
                     "writable, or turn SINE Finetune's disk_cache off.")
         return False
-    evict(keep=_path(key))
+    evict(keep=entry_path(key))
     return True
 
 

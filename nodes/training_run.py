@@ -273,7 +273,7 @@ def _train_loop(s: TrainingSetup, settings: FinetuneSettings, progress: TrainPro
         p.data = p.data.to(s.device)
         p.requires_grad_(True)
     config = OptimConfig(steps=settings.steps, learning_rate=settings.learning_rate,
-                         clip_grad_norm=settings.clip_grad_norm or None, checkpoint_every=save_every)
+                         clip_grad_norm=settings.clip_grad_norm, checkpoint_every=save_every)
     try:
         with torch.enable_grad(), compat.training_mode():
             train(s.adapter.parameters(), loss_at_step, config, on_step, start_step=start_step,

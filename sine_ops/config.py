@@ -152,10 +152,10 @@ def resolve_settings(preset: str, patch_mode: bool = False, **inputs) -> Finetun
 
 @dataclass(frozen=True)
 class OptimConfig:
-    """AdamW as the official code: torch defaults except the learning rate (docs/method.md §2, §7)."""
-    steps: int = 800               # optimisation steps (paper: 800 plain, 10,000 patch-based)
-    learning_rate: float = 1e-6    # constant, no warmup (paper, full fine-tune); LoRA wants ~1e-4
+    """AdamW as the official code: torch defaults except the learning rate, constant, no warmup (docs/method.md §2,
+    §7). steps, learning_rate and clip_grad_norm come from FinetuneSettings (their defaults and reasons are there)."""
+    steps: int                     # total optimisation steps
+    learning_rate: float
+    clip_grad_norm: float          # 0 = off, as FinetuneSettings.clip_grad_norm
     weight_decay: float = 0.01     # torch AdamW default, as the official code
-    clip_grad_norm: float | None = 1.0  # ours: bounds a bad first step of a high-lr LoRA; the official code has none
-                                        # (0 / None = off)
     checkpoint_every: int = 0      # call on_checkpoint every N steps (periodic saves); 0 = never

@@ -13,20 +13,19 @@ import torch.nn.functional as F
 _EPS = 1e-6
 
 
-def mix_conditional(cond_edit: torch.Tensor, cond_finetuned: Sequence[torch.Tensor | None],
-                    weights: Sequence[float], active: Sequence[bool]) -> torch.Tensor:
-    """(1-B)*cond_edit + sum_{i active} w_i*cond_ft_i, B = sum_{i active} w_i (SINE DDIMMultiSampler).
+def mix_conditional(cond_edit: torch.Tensor, cond_finetuned: Sequence[torch.Tensor],
+                    weights: Sequence[float]) -> torch.Tensor:
+    """(1-B)*cond_edit + sum_i w_i*cond_ft_i, B = sum_i w_i (SINE DDIMMultiSampler), over the fine-tuned models
+    that guide this step (the caller leaves out the ones outside their window).
 
-    w_i weights the FINE-TUNED model i (one model: w = 1 - v, v = the paper's pretrained weight). Entries of
-    cond_finetuned may be None where the model is inactive or its weight is 0 (no need to run it).
+    w_i weights the FINE-TUNED model i (one model: w = 1 - v, v = the paper's pretrained weight).
     """
-    if not len(cond_finetuned) == len(weights) == len(active):
-        raise ValueError(f"got {len(cond_finetuned)} fine-tuned outputs, {len(weights)} weights and "
-                         f"{len(active)} active flags; they must match")
+    if len(cond_finetuned) != len(weights):
+        raise ValueError(f"got {len(cond_finetuned)} fine-tuned outputs and {len(weights)} weights; they must match")
     for w in weights:
         if not 0 <= w <= 1:
             raise ValueError(f"fine-tuned model weights must be in [0, 1], got {w}")
-    terms = [(w, c) for c, w, a in zip(cond_finetuned, weights, active) if a and w > 0]
+    terms = [(w, c) for c, w in zip(cond_finetuned, weights) if w > 0]
     total = sum(w for w, _ in terms)
     if total > 1 + _EPS:
         raise ValueError(f"active fine-tuned weights sum to {total:g} > 1, which would give the pretrained "
@@ -35,8 +34,6 @@ def mix_conditional(cond_edit: torch.Tensor, cond_finetuned: Sequence[torch.Tens
         return cond_edit  # exact identity: plain CFG outside the window
     out = (1 - total) * cond_edit
     for w, c in terms:
-        if c is None:
-            raise ValueError("an active fine-tuned model with a non-zero weight has no output")
         out = out + w * c
     return out
 
@@ -114,7 +111,7 @@ def mix_conditional_maps(cond_edit: torch.Tensor, cond_finetuned: Sequence[torch
     if len(cond_finetuned) != len(weights):
         raise ValueError(f"got {len(cond_finetuned)} fine-tuned outputs and {len(weights)} weights; they must match")
     if not any(isinstance(w, torch.Tensor) for w in weights):
-        return mix_conditional(cond_edit, cond_finetuned, weights, [True] * len(weights))
+        return mix_conditional(cond_edit, cond_finetuned, weights)
     maps = [w.to(cond_edit) if isinstance(w, torch.Tensor) else w for w in weights]
     out = (1 - sum(maps, 0.0)) * cond_edit
     for w, c in zip(maps, cond_finetuned):

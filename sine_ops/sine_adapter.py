@@ -25,7 +25,8 @@ class SineAdapter:
     # AdamW's state when training stopped, to continue it: parameter name (named_parameters) ->
     # {"step", "exp_avg", "exp_avg_sq"} fp32 CPU tensors; None = not kept (a file saved without it)
     optimizer_state: dict[str, dict[str, torch.Tensor]] | None = None
-    losses: list[float] = field(default_factory=list)  # training loss of each step so far (in memory only)
+    # training loss of each step so far: not written to adapter files; disk-cache entries keep it in their metadata
+    losses: list[float] = field(default_factory=list)
 
     def named_parameters(self):
         """(name, parameter) in a fixed order: "<unet path>.<param>", "text_encoders.<path>.<param>",

@@ -7,21 +7,22 @@ workflows go through ComfyUI's own `validate_prompt` and `PromptExecutor`, and t
 `init_extra_nodes` from a custom_nodes folder. The only stand-ins are (1) a minimal message sink in place of the
 aiohttp PromptServer (the executor only calls `send_sync` and reads `client_id` / `last_node_id` on it) and (2)
 import-only packages for torchvision / torchaudio / spandrel / kornia / av, used only where the real one is missing
-(tests/import_standins/standin.py).
+(tools/import_standins/standin.py).
 """
 from __future__ import annotations
 
 import contextlib
-import subprocess
 import sys
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-if str(REPO_ROOT / "workflows") not in sys.path:
-    sys.path.append(str(REPO_ROOT / "workflows"))
+for _folder in ("workflows", "tools"):  # the headless runner; the dev tools (generator, import stand-ins)
+    if str(REPO_ROOT / _folder) not in sys.path:
+        sys.path.append(str(REPO_ROOT / _folder))
 
 import comfy_runtime  # noqa: E402
 from comfy_runtime import PACK_DIR_NAME, ExecutionError, RunResult, ValidationError  # noqa: E402,F401
+from import_standins import import_standin_paths  # noqa: E402,F401
 
 SKIP_LINE = ("ComfyUI tier skipped: no ComfyUI at $COMFYUI_PATH or ~/comfy/ComfyUI. To enable it, put a ComfyUI "
              "checkout there (or set COMFYUI_PATH) and rerun `bash tests/run.sh`.")
@@ -32,19 +33,12 @@ def find_comfyui() -> Path | None:
     return comfy_runtime.find_comfyui()
 
 
-STANDIN_PACKAGES = ("torchvision", "torchaudio", "spandrel", "kornia", "av")
-
-
-def import_standin_paths(python: str = sys.executable) -> list[str]:
-    """The sys.path entries of tests/import_standins for the packages that `python` cannot import.
-
-    Asked of a fresh interpreter: this process may already have stand-ins on its path. One entry per package, so
-    a real torchvision beside a missing torchaudio is never shadowed, also through PYTHONPATH (which comes before
-    site-packages).
-    """
-    found = subprocess.run([python, "-c", "import importlib.util as u; print(*[m for m in %r if u.find_spec(m)])"
-                            % (STANDIN_PACKAGES,)], capture_output=True, text=True, check=True).stdout.split()
-    return [str(REPO_ROOT / "tests" / "import_standins" / m) for m in STANDIN_PACKAGES if m not in found]
+def cached_outputs(executor, node_id: str):
+    """The outputs (one list per output slot) of a node of the executor's last run, from its node cache."""
+    # comfy_execution/caching.py @ dec8fb2b2143d0d183f4659b08ff45c243da7e31: get() is a coroutine returning
+    # execution.CacheEntry(ui, outputs); @ a125cd84 (0.3.64) get() is plain and returns the outputs themselves.
+    entry = comfy_runtime.resolve(executor.caches.outputs.get(node_id))
+    return getattr(entry, "outputs", entry)
 
 
 class WorkflowError(AssertionError):
@@ -83,8 +77,7 @@ class ComfySession:
         import torch
 
         self.standin_paths = import_standin_paths()
-        for sub in ("input", "output", "temp", "custom_nodes", "models/checkpoints", "models/controlnet",
-                    "models/loras"):
+        for sub in ("input", "output", "temp", "models/checkpoints", "models/controlnet", "models/loras"):
             (self.work / sub).mkdir(parents=True, exist_ok=True)
 
         def progress_hook(value, total, preview_image, prompt_id=None, node_id=None):
@@ -99,14 +92,13 @@ class ComfySession:
 
         self.headless = comfy_runtime.Headless(
             self.root, models=self.work / "models", input=self.work / "input", output=self.work / "output",
-            temp=self.work / "temp", custom_nodes=self.work / "custom_nodes", extra_sys_path=self.standin_paths,
-            cpu=not torch.cuda.is_available(), model_kinds=("checkpoints", "controlnet", "loras"),
-            progress_hook=progress_hook, pack_dir=REPO_ROOT, pack_name=PACK_DIR_NAME)
+            temp=self.work / "temp", extra_sys_path=self.standin_paths, cpu=not torch.cuda.is_available(),
+            progress_hook=progress_hook)
         self.nodes = self.headless.nodes
         self.execution = self.headless.execution
         self.folder_paths = self.headless.folder_paths
         self.sink = self.headless.sink
-        self.executor = self.headless.executor
+        self.executor = self.headless.runner.executor
 
     def reset_node_cache(self) -> None:
         """Empty ComfyUI's node output cache (what the "free memory" of POST /free does: PromptExecutor.reset), so
@@ -133,19 +125,19 @@ class ComfySession:
 
     def validate(self, prompt: dict) -> None:
         with comfyui_errors_as_workflow_errors():
-            self.headless.validate(prompt)
+            self.headless.runner.validate(prompt)
 
     def node_output(self, node_id: str, index: int = 0):
         """The Python object a node of the last run produced on output `index` (from the executor's cache)."""
-        return self.headless.runner.cached_outputs(node_id)[index][0]
+        return cached_outputs(self.executor, node_id)[index][0]
 
     def run(self, prompt: dict) -> RunResult:
         """Validate then execute an API-format workflow; raises WorkflowError with ComfyUI's error text."""
         with comfyui_errors_as_workflow_errors():
-            prompt_id, outputs = self.headless.validate(prompt)
+            prompt_id, outputs = self.headless.runner.validate(prompt)
             self.progress.clear()
             self.previews.clear()
-            return self.headless.execute(prompt, prompt_id, outputs)
+            return self.headless.runner.execute(prompt, prompt_id, outputs)
 
     def output_path(self, image_entry: dict) -> Path:
         return self.headless.output_path(image_entry)

@@ -12,8 +12,10 @@ from sine_ops.guidance import mix_conditional
 
 def sine_guidance(uncond: torch.Tensor, cond_edit: torch.Tensor, cond_finetuned: Sequence[torch.Tensor | None],
                   cfg: float, weights: Sequence[float], active: Sequence[bool]) -> torch.Tensor:
-    """uncond + cfg*(mix - uncond), the uncond always from the pretrained model (SINE Eq. 2/3, §5)."""
-    return uncond + cfg * (mix_conditional(cond_edit, cond_finetuned, weights, active) - uncond)
+    """uncond + cfg*(mix - uncond), the uncond always from the pretrained model (SINE Eq. 2/3, §5); only the
+    models whose window holds this step (`active`) take part in the mix (their cond_finetuned may be None)."""
+    on = [(c, w) for c, w, a in zip(cond_finetuned, weights, active) if a]
+    return uncond + cfg * (mix_conditional(cond_edit, [c for c, _ in on], [w for _, w in on]) - uncond)
 
 
 def paper_window(K: int) -> tuple[float, float]:

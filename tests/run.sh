@@ -25,7 +25,7 @@ pip_install -c "$constraints" -r requirements.txt -r tests/requirements-test.txt
 comfy=$("$PY" -c "import sys; sys.path.insert(0, 'tests'); from comfyui_harness import find_comfyui; print(find_comfyui() or '')")
 if [ -n "$comfy" ]; then
   # ComfyUI's own requirements, whichever release this is (newer ones add comfy-kitchen, comfy-aimdo, ...), less
-  # the packages that pull a CUDA torch of several GB (import-only stand-ins in tests/import_standins serve them)
+  # the packages that pull a CUDA torch of several GB (import-only stand-ins in tools/import_standins serve them)
   # and the OpenGL ones for nodes the tests never run; plus what headless use needs (tests/requirements-comfyui.txt).
   echo "ComfyUI found at $comfy: installing its dependencies (less the torch family) and tests/requirements-comfyui.txt"
   comfy_reqs=$(mktemp)

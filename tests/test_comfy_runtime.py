@@ -16,6 +16,7 @@ sys.path.append(str(Path(__file__).resolve().parent.parent / "workflows"))
 
 from comfy_runtime import (CLASSIC_CACHE_ARGS, ExecutionError, MessageSink, PromptRunner,  # noqa: E402
                            ValidationError, make_executor)
+from comfyui_harness import cached_outputs  # noqa: E402  (the tests' reading of the executor's node cache)
 
 CacheEntry = namedtuple("CacheEntry", "ui outputs")  # the shape of newer ComfyUI's execution.CacheEntry
 
@@ -87,8 +88,19 @@ FORMS = pytest.mark.parametrize("executor_class,validate_is_async", [(OldExecuto
                                                                      (OldExecutor, False)])
 
 
+class RecordingSink(MessageSink):
+    """Keeps what the executor sends, to check that the runner hands its sink to the executor."""
+
+    def __init__(self):
+        super().__init__()
+        self.messages = []
+
+    def send_sync(self, event, data, sid=None):
+        self.messages.append((event, data))
+
+
 def runner(executor_class, validate_is_async=True, **kw) -> PromptRunner:
-    return PromptRunner(execution_module(executor_class, validate_is_async, **kw), MessageSink(), Interrupt)
+    return PromptRunner(execution_module(executor_class, validate_is_async, **kw), RecordingSink(), Interrupt)
 
 
 def test_executor_gets_cache_args_only_when_its_constructor_takes_them():
@@ -104,7 +116,7 @@ def test_validate_and_execute_on_each_api_form(executor_class, validate_is_async
     assert outputs == ["save"] and prompt_id
     result = r.execute(PROMPT, prompt_id, outputs)
     assert result.outputs["save"]["images"][0]["filename"] == "a.png"
-    assert result.cached == ["ckpt"] and result.node_events("executed") == [{"node": "save"}]
+    assert result.cached == ["ckpt"] and r.server.messages == [("executed", {"node": "save"})]
     assert r.server.last_prompt_id == prompt_id
 
 
@@ -120,8 +132,8 @@ def test_refused_prompt_raises_validation_error(executor_class, validate_is_asyn
 @pytest.mark.parametrize("executor_class", [OldExecutor, NewExecutor])
 def test_cached_outputs_from_sync_lists_and_async_cache_entries(executor_class):
     r = runner(executor_class)
-    assert r.cached_outputs("ckpt") == [["model"], ["clip"]]
-    assert r.cached_outputs("missing") is None
+    assert cached_outputs(r.executor, "ckpt") == [["model"], ["clip"]]
+    assert cached_outputs(r.executor, "missing") is None
 
 
 @pytest.mark.parametrize("executor_class", [OldExecutor, NewExecutor])

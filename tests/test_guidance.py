@@ -37,24 +37,22 @@ def test_window_off_or_zero_weight_is_plain_cfg(preds):
     cfg = e_u + 7.5 * (e_c - e_u)
     assert torch.equal(sine_guidance(e_u, e_c, [e_ft], 7.5, [0.3], [False]), cfg)
     assert torch.equal(sine_guidance(e_u, e_c, [e_ft], 7.5, [0.0], [True]), cfg)
-    assert torch.equal(sine_guidance(e_u, e_c, [None, None], 7.5, [0.0, 0.4], [True, False]), cfg)
-    assert mix_conditional(e_c, [e_ft], [0.3], [False]) is e_c
+    assert torch.equal(sine_guidance(e_u, e_c, [e_ft, None], 7.5, [0.0, 0.4], [True, False]), cfg)
+    assert mix_conditional(e_c, [e_ft], [0.0]) is e_c and mix_conditional(e_c, [], []) is e_c
 
 
 def test_invalid_weights(preds):
     e_u, e_c, e_ft1, e_ft2 = preds
     with pytest.raises(ValueError, match="sum to 1.2"):
-        mix_conditional(e_c, [e_ft1, e_ft2], [0.6, 0.6], [True, True])
+        mix_conditional(e_c, [e_ft1, e_ft2], [0.6, 0.6])
     with pytest.raises(ValueError, match=r"\[0, 1\]"):
-        mix_conditional(e_c, [e_ft1], [-0.1], [True])
+        mix_conditional(e_c, [e_ft1], [-0.1])
     with pytest.raises(ValueError, match=r"\[0, 1\]"):
-        mix_conditional(e_c, [e_ft1], [1.5], [False])
+        mix_conditional(e_c, [e_ft1], [1.5])
     with pytest.raises(ValueError, match="must match"):
-        mix_conditional(e_c, [e_ft1], [0.3, 0.3], [True])
+        mix_conditional(e_c, [e_ft1], [0.3, 0.3])
     # float slack: UI step rounding can give 0.4 + 0.6000000000000001 = 1.0000000000000002
-    mix_conditional(e_c, [e_ft1, e_ft2], [0.4, 0.6000000000000001], [True, True])
-    # inactive models do not count towards B
-    mix_conditional(e_c, [e_ft1, None], [0.6, 0.6], [True, False])
+    mix_conditional(e_c, [e_ft1, e_ft2], [0.4, 0.6000000000000001])
 
 
 def test_window_active_in_sigmas():

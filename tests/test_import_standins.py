@@ -1,4 +1,4 @@
-"""The tests' import-only stand-ins (tests/import_standins): what ComfyUI imports works, any real use fails loudly.
+"""The import-only stand-ins (tools/import_standins): what ComfyUI imports works, any real use fails loudly.
 
 They let the ComfyUI tier import ComfyUI where torchvision / torchaudio / spandrel / kornia are missing; a stand-in
 that quietly returned values would hide a real dependency of the code under test, so every call must raise.
@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-STANDINS = Path(__file__).resolve().parent / "import_standins"
+STANDINS = Path(__file__).resolve().parent.parent / "tools" / "import_standins"
 
 
 def run_with_standin(package: str, code: str) -> subprocess.CompletedProcess:

@@ -64,7 +64,7 @@ def test_lora_training_memorises_one_image():
         sigma, _, x = noisy_latent(schedule, image_a, g)
         return denoising_loss(schedule, sigma, den(x, sigma), image_a)
 
-    losses = train(params, loss_at_step, OptimConfig(steps=400, learning_rate=3e-3))
+    losses = train(params, loss_at_step, OptimConfig(steps=400, learning_rate=3e-3, clip_grad_norm=1.0))
     after_a, after_b = held_out_loss(den, schedule, image_a), held_out_loss(den, schedule, image_b)
     assert len(losses) == 400
     assert after_a < 0.5 * before_a, (before_a, after_a)
@@ -87,7 +87,8 @@ def test_loss_is_in_the_models_output_space():
 def test_divergence_stops_with_the_step_and_a_hint():
     p = nn.Parameter(torch.ones(1))
     with pytest.raises(TrainingDiverged, match=r"step 3.*lower the learning rate"):
-        train([p], lambda i: p.sum() * (float("nan") if i == 2 else 1.0), OptimConfig(steps=5, learning_rate=1e-3))
+        train([p], lambda i: p.sum() * (float("nan") if i == 2 else 1.0),
+              OptimConfig(steps=5, learning_rate=1e-3, clip_grad_norm=1.0))
 
 
 def test_adapter_file_round_trip_and_damage_detection():

@@ -52,8 +52,8 @@ def run(schedule, steps, start=0, optimizer_state=None, adapter_state=None, seed
     for p in adapter.parameters():
         p.requires_grad_(True)
     progress = TrainProgress()
-    train(adapter.parameters(), loss_at_step, OptimConfig(steps=steps, learning_rate=3e-3), start_step=start,
-          optimizer_state=optimizer_state, progress=progress)
+    train(adapter.parameters(), loss_at_step, OptimConfig(steps=steps, learning_rate=3e-3, clip_grad_norm=1.0),
+          start_step=start, optimizer_state=optimizer_state, progress=progress)
     return [p.detach().clone() for p in adapter.parameters()], progress
 
 
@@ -88,8 +88,9 @@ def test_a_stopped_run_reports_its_last_completed_state():
             raise KeyboardInterrupt  # a BaseException, as ComfyUI's newer InterruptProcessingException
     progress, checkpoints = TrainProgress(), []
     try:
-        train(adapter.parameters(), loss_at_step, OptimConfig(steps=10, learning_rate=1e-3, checkpoint_every=2),
-              cancel_at_4, progress=progress, on_checkpoint=lambda p: checkpoints.append(p.step))
+        train(adapter.parameters(), loss_at_step,
+              OptimConfig(steps=10, learning_rate=1e-3, clip_grad_norm=1.0, checkpoint_every=2), cancel_at_4,
+              progress=progress, on_checkpoint=lambda p: checkpoints.append(p.step))
     except KeyboardInterrupt:
         pass
     assert progress.step == 4 and checkpoints == [2, 4]

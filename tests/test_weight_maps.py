@@ -37,7 +37,7 @@ def test_constant_masks_give_the_scalar_mix_bit_for_bit(preds):
     ones, zeros = torch.ones(2, 1, 6, 8), torch.zeros(2, 1, 6, 8)
     assert weight_map(ones, 0.3, 0.1) == 0.3 and weight_map(zeros, 0.3, 0.1) == 0.1
     assert weight_map(zeros, 0.3, 0.0) == 0.0
-    scalar = mix_conditional(edit, [ft1], [0.3], [True])
+    scalar = mix_conditional(edit, [ft1], [0.3])
     assert torch.equal(mix_conditional_maps(edit, [ft1], [weight_map(ones, 0.3, 0.1)]), scalar)
     assert mix_conditional_maps(edit, [ft1], [weight_map(zeros, 0.3, 0.0)]) is edit  # weight 0: plain CFG
     half = torch.cat([ones[..., :4], zeros[..., 4:]], dim=-1)

@@ -9,6 +9,7 @@ overrides are workflows/workflow_graph.py; the command line is workflows/headles
 from __future__ import annotations
 
 import asyncio
+import atexit
 import inspect
 import os
 import shutil
@@ -19,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable
 
-from workflow_graph import HeadlessError, PromptEditor, id_key, load_workflow, one_line
+from workflow_graph import HeadlessError, PromptEditor, id_key, one_line
 
 PACK_ROOT = Path(__file__).resolve().parent.parent
 PACK_DIR_NAME = "sine_edit"  # the folder name a user's clone gets under custom_nodes/
@@ -71,16 +72,15 @@ def find_comfyui(explicit: str | os.PathLike | None = None) -> Path | None:
 
 
 class MessageSink:
-    """Receives what ComfyUI's executor would send to the browser (stands in for the aiohttp PromptServer)."""
+    """Stands in for the aiohttp PromptServer: what ComfyUI's executor would send to the browser goes nowhere."""
 
     def __init__(self):
         self.client_id = None
         self.last_node_id = None
         self.last_prompt_id = None
-        self.messages: list[tuple[str, dict]] = []
 
     def send_sync(self, event, data, sid=None):
-        self.messages.append((event, data))
+        pass
 
     def queue_updated(self):
         pass
@@ -89,11 +89,7 @@ class MessageSink:
 @dataclass
 class RunResult:
     outputs: dict                      # node id -> ui output dict (e.g. {"images": [...]})
-    messages: list                     # (event, data) sent by the executor
     cached: list = field(default_factory=list)  # ids of the nodes whose outputs came from ComfyUI's cache
-
-    def node_events(self, event: str) -> list[dict]:
-        return [d for e, d in self.messages if e == event]
 
 
 # ---- ComfyUI's executor, old and new --------------------------------------------------------------------------------
@@ -141,7 +137,6 @@ class PromptRunner:
 
     def execute(self, prompt: dict, prompt_id: str, outputs: list) -> RunResult:
         """Run a validated prompt; ExecutionError with ComfyUI's message if it failed or was interrupted."""
-        self.server.messages.clear()
         self.server.last_prompt_id = prompt_id
         try:
             resolve(self.executor.execute(prompt, prompt_id, {}, outputs))
@@ -156,7 +151,7 @@ class PromptRunner:
 
     def _result(self) -> RunResult:
         ex = self.executor
-        result = RunResult(outputs=ex.history_result["outputs"], messages=list(self.server.messages))
+        result = RunResult(outputs=ex.history_result["outputs"])
         for event, data in ex.status_messages:
             if event == "execution_cached":
                 result.cached = list(data["nodes"])
@@ -164,13 +159,6 @@ class PromptRunner:
         if failures or not ex.success:
             raise ExecutionError(*(failures[-1] if failures else ("execution_failed", ex.status_messages)))
         return result
-
-    def cached_outputs(self, node_id: str):
-        """The outputs (one list per output slot) of a node of the last run, from the executor's node cache."""
-        # comfy_execution/caching.py @ dec8fb2b2143d0d183f4659b08ff45c243da7e31: get() is a coroutine returning
-        # execution.CacheEntry(ui, outputs); @ a125cd84 (0.3.64) get() is plain and returns the outputs themselves.
-        entry = resolve(self.executor.caches.outputs.get(node_id))
-        return getattr(entry, "outputs", entry)
 
 
 # ---- starting ComfyUI ---------------------------------------------------------------------------------------------
@@ -181,56 +169,46 @@ class Headless:
     """ComfyUI started in this process, headless, with this pack loaded by ComfyUI's custom-node loader.
 
     models / input / output / temp: folders to use instead of ComfyUI's own (models: DIR/<kind> is registered as
-    the default folder of every model kind, or only of `model_kinds`). custom_nodes: where the link to this pack
-    is made (default: a temporary folder, removed at exit). extra_sys_path: appended to sys.path before ComfyUI is
-    imported (e.g. an import-only stand-in for a missing package). cpu: None = CPU only when no CUDA/MPS/XPU
-    device exists. extra_model_paths: also read ComfyUI's extra_model_paths.yaml. progress_hook: comfy.utils'
-    global progress hook (value, total, preview, prompt_id, node_id), called with the executing node's ids filled
-    in; default: only honours ComfyUI's cancel.
+    the default folder of every model kind). The link to this pack is made in a temporary custom_nodes folder,
+    removed at exit. extra_sys_path: appended to sys.path before ComfyUI is imported (e.g. an import-only
+    stand-in for a missing package). cpu: None = CPU only when no CUDA/MPS/XPU device exists. extra_model_paths:
+    also read ComfyUI's extra_model_paths.yaml. progress_hook: comfy.utils' global progress hook (value, total,
+    preview, prompt_id, node_id), called with the executing node's ids filled in; default: only honours ComfyUI's
+    cancel.
+
+    Prompts: `editor.prepare(workflow, **overrides)` (workflow_graph.PromptEditor) gives the API prompt to `run`;
+    `runner` (PromptRunner) validates and executes separately.
     """
 
     def __init__(self, comfy_root: str | os.PathLike, *, models=None, input=None, output=None, temp=None,
-                 custom_nodes=None, extra_sys_path: Iterable[str] = (), cpu: bool | None = None,
-                 model_kinds: Iterable[str] | None = None, extra_model_paths: bool = False,
-                 progress_hook: Callable | None = None, pack_dir=PACK_ROOT, pack_name: str = PACK_DIR_NAME):
+                 extra_sys_path: Iterable[str] = (), cpu: bool | None = None, extra_model_paths: bool = False,
+                 progress_hook: Callable | None = None):
         if _STARTED:
             raise HeadlessError("ComfyUI is already started in this process (it keeps global state; start it once)")
         self.root = Path(comfy_root)
-        self.pack_name = pack_name
-        self._tmp_custom_nodes = None
-        self.custom_nodes = self._custom_nodes_folder(custom_nodes)
+        self.custom_nodes = Path(tempfile.mkdtemp(prefix="sine_headless_nodes_"))
+        atexit.register(self._cleanup)
         self.folder_paths = _import_settings(self.root, extra_sys_path, cpu)
         if extra_model_paths:
             _load_extra_model_paths(self.root)
         if models is not None:
-            _use_models_folder(self.folder_paths, Path(models), model_kinds)
+            _use_models_folder(self.folder_paths, Path(models))
         for folder, setter in ((input, self.folder_paths.set_input_directory),
                                (output, self.folder_paths.set_output_directory),
                                (temp, self.folder_paths.set_temp_directory)):
             if folder is not None:
                 Path(folder).mkdir(parents=True, exist_ok=True)
                 setter(str(folder))
-        self._link_pack(Path(pack_dir))
+        self._link_pack()
         self._load_nodes(progress_hook)
         self.editor = PromptEditor(self.object_info, self.folder_paths)
 
-    def _custom_nodes_folder(self, custom_nodes) -> Path:
-        if custom_nodes is None:
-            custom_nodes = self._tmp_custom_nodes = Path(tempfile.mkdtemp(prefix="sine_headless_nodes_"))
-            import atexit
-            atexit.register(self._cleanup)
-        return Path(custom_nodes)
-
-    def _link_pack(self, pack_dir: Path):
-        """custom_nodes/<pack_name> -> this pack, and that folder as ComfyUI's only custom_nodes folder."""
-        self.custom_nodes.mkdir(parents=True, exist_ok=True)
-        link = self.custom_nodes / self.pack_name
-        if not link.exists():
-            try:
-                link.symlink_to(pack_dir, target_is_directory=True)
-            except OSError as e:
-                raise HeadlessError(f"cannot link the pack into {self.custom_nodes} ({e}); pass a custom_nodes "
-                                    "folder that already contains it") from None
+    def _link_pack(self):
+        """custom_nodes/<PACK_DIR_NAME> -> this pack, and that folder as ComfyUI's only custom_nodes folder."""
+        try:
+            (self.custom_nodes / PACK_DIR_NAME).symlink_to(PACK_ROOT, target_is_directory=True)
+        except OSError as e:
+            raise HeadlessError(f"cannot link the pack into {self.custom_nodes} ({e})") from None
         self.folder_paths.folder_names_and_paths["custom_nodes"] = ([str(self.custom_nodes)], set())
 
     def _load_nodes(self, progress_hook: Callable | None):
@@ -254,23 +232,16 @@ class Headless:
         self.runner = PromptRunner(execution, self.sink, comfy.model_management.InterruptProcessingException)
 
     def _cleanup(self):
-        d = self._tmp_custom_nodes
-        if d is not None and d.exists():
-            link = d / self.pack_name
-            if link.is_symlink():
-                link.unlink()
-            shutil.rmtree(d, ignore_errors=True)
-
-    @property
-    def executor(self):
-        """ComfyUI's PromptExecutor (e.g. .reset() forgets its node cache)."""
-        return self.runner.executor
+        link = self.custom_nodes / PACK_DIR_NAME
+        if link.is_symlink():
+            link.unlink()
+        shutil.rmtree(self.custom_nodes, ignore_errors=True)
 
     @property
     def pack_load_ok(self) -> bool:
         """Whether ComfyUI's loader imported the pack (it logs and carries on when an import fails)."""
-        return str(self.custom_nodes / self.pack_name) in self.nodes.LOADED_MODULE_DIRS.values() or \
-            self.pack_name in self.nodes.LOADED_MODULE_DIRS
+        return str(self.custom_nodes / PACK_DIR_NAME) in self.nodes.LOADED_MODULE_DIRS.values() or \
+            PACK_DIR_NAME in self.nodes.LOADED_MODULE_DIRS
 
     def object_info(self, node_type: str) -> dict:
         """The node definition as ComfyUI's /object_info endpoint serves it (KeyError for an unknown type)."""
@@ -288,29 +259,11 @@ class Headless:
             "output_node": getattr(cls, "OUTPUT_NODE", False) is True,
         }
 
-    # ---- preparing and running prompts ------------------------------------------------------------------------
-    def to_api(self, workflow: dict) -> dict:
-        """API prompt from either format (a copy; the input is not modified)."""
-        return self.editor.to_api(workflow)
-
-    def prepare(self, workflow: dict, **overrides) -> dict:
-        """API prompt with the overrides applied and file names checked: see PromptEditor.prepare."""
-        return self.editor.prepare(workflow, **overrides)
-
-    def validate(self, prompt: dict, strict: bool = False) -> tuple[str, list]:
-        return self.runner.validate(prompt, strict)
-
-    def execute(self, prompt: dict, prompt_id: str, outputs: list) -> RunResult:
-        return self.runner.execute(prompt, prompt_id, outputs)
-
+    # ---- running prompts ----------------------------------------------------------------------------------------
     def run(self, prompt: dict, strict: bool = False) -> RunResult:
-        prompt_id, outputs = self.validate(prompt, strict)
-        return self.execute(prompt, prompt_id, outputs)
-
-    def run_workflow(self, workflow: dict | str | os.PathLike, strict: bool = True, **overrides) -> RunResult:
-        """load (path) -> prepare(**overrides) -> run."""
-        data = workflow if isinstance(workflow, dict) else load_workflow(workflow)
-        return self.run(self.prepare(data, **overrides), strict=strict)
+        """Validate then execute an API prompt (from `editor.prepare`); strict: see PromptRunner.validate."""
+        prompt_id, outputs = self.runner.validate(prompt, strict)
+        return self.runner.execute(prompt, prompt_id, outputs)
 
     def output_path(self, image_entry: dict) -> Path:
         base = Path(self.folder_paths.get_directory_by_type(image_entry["type"]))
@@ -356,14 +309,10 @@ def _load_extra_model_paths(root: Path):
         utils.extra_config.load_extra_path_config(str(yaml_path))
 
 
-def _use_models_folder(folder_paths, models: Path, model_kinds: Iterable[str] | None):
-    """models/<kind> as the default folder of every model kind (or of `model_kinds`), as ComfyUI lays them out."""
+def _use_models_folder(folder_paths, models: Path):
+    """models/<kind> as the default folder of every model kind, as ComfyUI lays them out."""
     default_models = folder_paths.models_dir
     folder_paths.models_dir = str(models)  # where packs put their own model folders (sine_cache)
-    if model_kinds is not None:
-        for kind in model_kinds:
-            folder_paths.add_model_folder_path(kind, str(models / kind), is_default=True)
-        return
     for kind, (paths, _) in list(folder_paths.folder_names_and_paths.items()):
         if kind == "custom_nodes":
             continue

@@ -35,10 +35,10 @@ image file (the available ones are listed), or ComfyUI refused the workflow (its
 
 Library use (one ComfyUI per process; ComfyUI keeps global state):
     h = Headless(find_comfyui(), models=..., input=..., output=...)
-    prompt = h.prepare(load_workflow(path), checkpoint="my.safetensors", sets=["SINE_Finetune.steps=200"])
+    prompt = h.editor.prepare(load_workflow(path), checkpoint="my.safetensors", sets=["SINE_Finetune.steps=200"])
     result = h.run(prompt); h.written_files(result)
-This file is the command line and the names above; the workflow rules are workflows/workflow_graph.py and the
-in-process ComfyUI is workflows/comfy_runtime.py.
+This file is the command line; the workflow rules (load_workflow, PromptEditor) are workflows/workflow_graph.py
+and the in-process ComfyUI (Headless, find_comfyui) is workflows/comfy_runtime.py.
 """
 from __future__ import annotations
 
@@ -48,13 +48,8 @@ import os
 import sys
 from pathlib import Path
 
-# The library names (workflows/README.md: headless.Headless(...)); workflows/build_workflows.py uses the node
-# definition rules through this module too.
-from comfy_runtime import (PACK_DIR_NAME, PACK_ROOT, ExecutionError, Headless, MessageSink,  # noqa: F401
-                           RunResult, ValidationError, find_comfyui)
-from workflow_graph import (HeadlessError, PromptEditor, coerce, combo_options, is_ui_workflow,  # noqa: F401
-                            is_widget, load_workflow, one_line, ordered_inputs, outputs_of, parse_set, parse_size,
-                            socket_inputs, spec_type, ui_to_api, widget_slots, widget_specs)
+from comfy_runtime import PACK_ROOT, Headless, find_comfyui
+from workflow_graph import HeadlessError, load_workflow, one_line, parse_size
 
 
 def _progress_printer():
@@ -127,8 +122,8 @@ def main(argv: list[str] | None = None) -> int:
         workflow = load_workflow(args.workflow)
         size = parse_size(args.size) if args.size else None
         h = start_comfyui(args)
-        prompt = h.prepare(workflow, checkpoint=args.checkpoint, image=args.image, prompt=args.prompt, size=size,
-                           steps=args.steps, seed=args.seed, sets=args.set)
+        prompt = h.editor.prepare(workflow, checkpoint=args.checkpoint, image=args.image, prompt=args.prompt,
+                                  size=size, steps=args.steps, seed=args.seed, sets=args.set)
         files = h.written_files(h.run(prompt, strict=True))
     except HeadlessError as e:
         return _fail(e, e.exit_code)

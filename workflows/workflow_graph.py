@@ -3,7 +3,7 @@
 Nothing here imports ComfyUI. Node definitions come in as `object_info(node_type) -> dict` (what ComfyUI's
 /object_info endpoint serves; KeyError for an unknown type) and file folders as ComfyUI's `folder_paths` module
 (only for "not found" messages), so the same rules serve the headless runner (workflows/comfy_runtime.py) and
-workflows/build_workflows.py.
+the workflow generator (tools/build_workflows.py).
 """
 from __future__ import annotations
 
@@ -93,11 +93,6 @@ def widget_slots(info: dict) -> list[tuple[str, str]]:
         if opts.get("image_upload"):
             slots.append((name, "upload"))
     return slots
-
-
-def socket_inputs(info: dict) -> list[tuple[str, str, bool]]:
-    """[(name, type, optional)] of the inputs that are connection sockets (not widgets), in order."""
-    return [(n, spec_type(s), opt) for n, s, opt in ordered_inputs(info) if not is_widget(s)]
 
 
 def outputs_of(info: dict) -> list[tuple[str, str]]:

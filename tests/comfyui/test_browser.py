@@ -18,7 +18,7 @@
   would queue (`app.graphToPrompt`) is exactly the workflow's API twin in workflows/api/; no console error or
   exception while loading.
 - Screenshots, with the pinned frontend only (workflows/README.md shows them), in workflows/screenshots/:
-  <name>.png, the whole workflow, and <name>_<part>.png, close-ups of the groups build_workflows.py names for each
+  <name>.png, the whole workflow, and <name>_<part>.png, close-ups of the groups tools/build_workflows.py names for each
   workflow (Workflow.zooms) at canvas zoom 1, framed so a README ~800 px wide shows their widget text at a
   legible size. Rendered at pixel ratio 2 and cut to the graph (no menus).
 
@@ -76,7 +76,7 @@ aiohttp = pytest.importorskip("aiohttp", reason="Browser test skipped: aiohttp (
 
 # Imported after the skips: where the module is skipped, nothing else of the ComfyUI tier needs to import.
 from comfyui_fixtures import default_cache_dir  # noqa: E402
-import build_workflows  # noqa: E402  (workflows/ is on sys.path through comfyui_harness)
+import build_workflows  # noqa: E402  (tools/ is on sys.path through comfyui_harness)
 
 ZOOMS = {wf.name: wf.zooms for wf in (make() for make in build_workflows.WORKFLOWS)}  # close-ups per workflow
 
@@ -219,7 +219,7 @@ def server(comfy, fixtures, frontend, tmp_path_factory):
                            "  checkpoints: checkpoints\n  controlnet: controlnet\n  loras: loras\n", encoding="utf-8")
     (base / "user" / "default" / "comfy.settings.json").write_text(json.dumps(USER_SETTINGS), encoding="utf-8")
 
-    # Import-only stand-ins for packages with no build for the CPU torch used here (tests/import_standins).
+    # Import-only stand-ins for packages with no build for the CPU torch used here (tools/import_standins).
     standins = import_standin_paths()
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(standins + [p for p in [os.environ.get("PYTHONPATH")] if p]))
     port = free_port()

@@ -2,7 +2,7 @@
 
 These tests check which branch the pack takes for a capability (a dynamic-VRAM patcher, the in_training flag,
 a cast Linear that is not an nn.Linear, a quantized weight class, a link-resolving save check). They do not check
-newer ComfyUI's behaviour: the suite runs on 0.3.64 in CI, and on 0.33.0 by hand (README "Compatibility"), where
+newer ComfyUI's behaviour: the suite runs on 0.3.64 in CI, and on 0.33.0 by hand (docs/compatibility.md), where
 the real objects replace these stand-ins; dynamic VRAM needs CUDA and runs in neither.
 """
 import os

@@ -5,7 +5,7 @@ process, its executor) and headless.py (the command line).
 
 - Every UI workflow converts (with the live node definitions) to exactly its API twin, both validate in ComfyUI
   with the model/image names pointed at the random-weight fixtures, and the committed files are what
-  workflows/build_workflows.py generates from the live definitions.
+  tools/build_workflows.py generates from the live definitions.
 - Every workflow executes at 64-96 px, 2 sampling steps, 2 training steps through the runner's API.
 - The command line: one-line errors with exit status 2 (nothing run) or 1 (execution failed), and workflow (1)
   end to end writing a PNG.
@@ -23,7 +23,7 @@ from PIL import Image
 
 from comfyui_harness import REPO_ROOT
 
-import build_workflows  # noqa: E402  (workflows/ is on sys.path through comfyui_harness)
+import build_workflows  # noqa: E402  (tools/ and workflows/ are on sys.path through comfyui_harness)
 import workflow_graph  # noqa: E402
 from comfy_runtime import ExecutionError, ValidationError  # noqa: E402
 
@@ -66,31 +66,31 @@ def tiny(name: str, fixtures: dict) -> dict:
 
 
 @pytest.fixture(scope="module")
-def runner(comfy):
+def headless(comfy):
     return comfy.headless
 
 
 # ---- the files -------------------------------------------------------------------------------------------------
-def test_widget_layout_follows_the_frontend_rules(runner):
+def test_widget_layout_follows_the_frontend_rules(headless):
     slots = workflow_graph.widget_slots
-    assert slots(runner.object_info("KSampler")) == [
+    assert slots(headless.object_info("KSampler")) == [
         ("seed", "value"), ("seed", "control"), ("steps", "value"), ("cfg", "value"), ("sampler_name", "value"),
         ("scheduler", "value"), ("denoise", "value")]  # as ComfyUI's own templates: [seed, "randomize", 20, ...]
-    assert slots(runner.object_info("LoadImage")) == [("image", "value"), ("image", "upload")]  # [name, "image"]
-    assert slots(runner.object_info("RandomNoise")) == [("noise_seed", "value"), ("noise_seed", "control")]
-    finetune = [n for n, _ in slots(runner.object_info("SINE_Finetune"))]
+    assert slots(headless.object_info("LoadImage")) == [("image", "value"), ("image", "upload")]  # [name, "image"]
+    assert slots(headless.object_info("RandomNoise")) == [("noise_seed", "value"), ("noise_seed", "control")]
+    finetune = [n for n, _ in slots(headless.object_info("SINE_Finetune"))]
     assert finetune[finetune.index("seed") + 1] == "seed"  # an INT named seed gets a control widget (legacy rule)
-    assert [n for n, k in slots(runner.object_info("SINE_GuidedSampler")) if k == "value"] == [
+    assert [n for n, k in slots(headless.object_info("SINE_GuidedSampler")) if k == "value"] == [
         "seed", "steps", "cfg", "sampler_name", "scheduler", "denoise", "finetuned_weight", "start_percent",
         "end_percent", "outside_weight", "mask_feather"]
-    guider_sockets = workflow_graph.socket_inputs(runner.object_info("SINE_Guider"))
+    guider_sockets = build_workflows.socket_inputs(headless.object_info("SINE_Guider"))
     assert guider_sockets[-1] == ("extra_models", "SINE_GUIDANCE_STACK", True)
 
 
 @pytest.mark.parametrize("name", NAMES)
-def test_ui_workflow_converts_to_its_api_twin_and_both_validate(runner, fixtures, name):
+def test_ui_workflow_converts_to_its_api_twin_and_both_validate(headless, fixtures, name):
     ui, api = load(name, api=False), load(name, api=True)
-    assert workflow_graph.ui_to_api(ui, runner.object_info) == api
+    assert workflow_graph.ui_to_api(ui, headless.object_info) == api
     assert any(n["type"] == "Note" and len(n["widgets_values"][0]) > 200 for n in ui["nodes"])
     ids = [n["id"] for n in ui["nodes"]]
     assert len(set(ids)) == len(ids) and ui["last_node_id"] == max(ids)
@@ -103,20 +103,20 @@ def test_ui_workflow_converts_to_its_api_twin_and_both_validate(runner, fixtures
                 src = next(n for n in ui["nodes"] if n["id"] == link[1])
                 assert inp["link"] in src["outputs"][link[2]]["links"]
     for workflow in (ui, api):
-        prompt = runner.prepare(workflow, **fixture_names(name, fixtures))
-        runner.validate(prompt, strict=True)
+        prompt = headless.editor.prepare(workflow, **fixture_names(name, fixtures))
+        headless.runner.validate(prompt, strict=True)
 
 
-def test_committed_files_are_what_the_generator_writes(runner):
+def test_committed_files_are_what_the_generator_writes(headless):
     import comfyui_version
     if comfyui_version.__version__ != build_workflows.GENERATED_WITH:
         pytest.skip(f"the committed workflows are generated against ComfyUI {build_workflows.GENERATED_WITH}; this is "
                     f"{comfyui_version.__version__} (test_browser.py checks that they open here)")
-    built = build_workflows.build_all(runner.object_info)
+    built = build_workflows.build_all(headless.object_info)
     assert sorted(built) == sorted(NAMES)
     for name, (ui, api, _title) in built.items():
-        assert load(name, api=False) == ui, f"workflows/{name}.json is stale: run workflows/build_workflows.py"
-        assert load(name, api=True) == api, f"workflows/api/{name}.json is stale: run workflows/build_workflows.py"
+        assert load(name, api=False) == ui, f"workflows/{name}.json is stale: run tools/build_workflows.py"
+        assert load(name, api=True) == api, f"workflows/api/{name}.json is stale: run tools/build_workflows.py"
         thumb = Image.open(WORKFLOWS_DIR / f"{name}.jpg")
         assert thumb.format == "JPEG" and thumb.size == (960, 540)
 
@@ -135,11 +135,11 @@ def test_comfyui_lists_the_workflows_as_templates_of_the_pack(comfy):
 
 # ---- running them ----------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("name", NAMES)
-def test_workflow_executes_on_the_fixtures(runner, fixtures, name):
-    prompt = runner.prepare(load(name, api=True), **tiny(name, fixtures))
+def test_workflow_executes_on_the_fixtures(headless, fixtures, name):
+    prompt = headless.editor.prepare(load(name, api=True), **tiny(name, fixtures))
     assert all(n["inputs"]["steps"] == 2 for n in prompt.values() if n["class_type"] == "SINE_Finetune")
-    result = runner.run(prompt, strict=True)
-    saved = [runner.output_path(e) for out in result.outputs.values() for e in out.get("images", [])
+    result = headless.run(prompt, strict=True)
+    saved = [headless.output_path(e) for out in result.outputs.values() for e in out.get("images", [])
              if e["type"] == "output"]
     assert len(saved) == 1 and saved[0].is_file()
     pixels = np.asarray(Image.open(saved[0]))
@@ -147,9 +147,9 @@ def test_workflow_executes_on_the_fixtures(runner, fixtures, name):
     assert pixels.shape == (h, w, 3) and np.isfinite(pixels.astype(np.float32)).all()
 
 
-def test_overrides_map_onto_the_right_nodes(runner, fixtures):
-    prompt = runner.prepare(load("sine_edit_controlnet", api=True), prompt="photo of a cat", seed=9, steps=3,
-                            size=(80, 72), **fixture_names("sine_edit_controlnet", fixtures))
+def test_overrides_map_onto_the_right_nodes(headless, fixtures):
+    prompt = headless.editor.prepare(load("sine_edit_controlnet", api=True), prompt="photo of a cat", seed=9,
+                                     steps=3, size=(80, 72), **fixture_names("sine_edit_controlnet", fixtures))
     by_title = {n["_meta"]["title"]: n["inputs"] for n in prompt.values()}
     assert by_title["Edit prompt (base CLIP)"]["text"] == "photo of a cat"  # through Apply ControlNet
     assert by_title["Negative prompt (base CLIP)"]["text"] == ""
@@ -158,8 +158,8 @@ def test_overrides_map_onto_the_right_nodes(runner, fixtures):
     assert (by_title["Empty Latent Image"]["width"], by_title["Empty Latent Image"]["height"]) == (80, 72)
     assert by_title["Image to edit"]["image"] == fixtures["source_image"]  # --image: the first Load Image
     assert by_title[HINT_TITLE]["image"] == fixtures["hint_image"]
-    two = runner.prepare(load("sine_two_models_content_style", api=True), seed=4, prompt="x",
-                         **fixture_names("sine_two_models_content_style", fixtures))
+    two = headless.editor.prepare(load("sine_two_models_content_style", api=True), seed=4, prompt="x",
+                                  **fixture_names("sine_two_models_content_style", fixtures))
     inputs = {n["class_type"]: n["inputs"] for n in two.values()}
     assert inputs["RandomNoise"]["noise_seed"] == 4
     assert [n["inputs"]["text"] for n in two.values() if n["class_type"] == "CLIPTextEncode"] == ["x", ""]
@@ -173,33 +173,33 @@ def test_overrides_map_onto_the_right_nodes(runner, fixtures):
     (["SINE_Finetune.preset=fastest"], "'fastest' is not one of: custom, lora_default, paper"),
     (["steps=3"], "is not NODE.INPUT=VALUE"),
 ])
-def test_bad_overrides_are_refused_in_one_line(runner, fixtures, sets, message):
+def test_bad_overrides_are_refused_in_one_line(headless, fixtures, sets, message):
     kw = fixture_names("sine_finetune_and_edit", fixtures)
     with pytest.raises(workflow_graph.HeadlessError, match=message.replace("(", r"\(").replace(")", r"\)")) as e:
-        runner.prepare(load("sine_finetune_and_edit", api=True), **dict(kw, sets=kw["sets"] + sets))
+        headless.editor.prepare(load("sine_finetune_and_edit", api=True), **dict(kw, sets=kw["sets"] + sets))
     assert "\n" not in str(e.value) and e.value.exit_code == 2
 
 
-def test_missing_files_list_what_is_available(runner, fixtures):
+def test_missing_files_list_what_is_available(headless, fixtures):
     with pytest.raises(workflow_graph.HeadlessError) as e:
-        runner.prepare(load("sine_edit_controlnet", api=False))  # the UI file with its own names
+        headless.editor.prepare(load("sine_edit_controlnet", api=False))  # the UI file with its own names
     text = str(e.value)
     assert "'v1-5-pruned-emaonly.safetensors' not found in the checkpoints folders" in text
     assert fixtures["checkpoint"] in text and fixtures["controlnet"] in text and fixtures["source_image"] in text
     assert "control_v11p_sd15_canny.pth" in text and "\n" not in text
 
 
-def test_validation_and_execution_errors_carry_comfyuis_message(runner, fixtures):
+def test_validation_and_execution_errors_carry_comfyuis_message(headless, fixtures):
     kw = tiny("sine_finetune_and_edit", fixtures)
-    bad = runner.prepare(load("sine_finetune_and_edit", api=True), **dict(kw, sets=kw["sets"] + [
+    bad = headless.editor.prepare(load("sine_finetune_and_edit", api=True), **dict(kw, sets=kw["sets"] + [
         "SINE_GuidedSampler.finetuned_weight=1.5"]))
     with pytest.raises(ValidationError, match="bigger than max.*finetuned_weight") as e:
-        runner.run(bad, strict=True)
+        headless.run(bad, strict=True)
     assert e.value.exit_code == 2 and "\n" not in str(e.value)
-    failing = runner.prepare(load("sine_finetune_and_edit", api=True), **dict(kw, sets=kw["sets"] + [
+    failing = headless.editor.prepare(load("sine_finetune_and_edit", api=True), **dict(kw, sets=kw["sets"] + [
         "SINE_GuidedSampler.start_percent=0.8"]))
     with pytest.raises(ExecutionError, match="SINE_GuidedSampler.*is after 'end_percent'") as e:
-        runner.run(failing, strict=True)
+        headless.run(failing, strict=True)
     assert e.value.exit_code == 1 and "\n" not in str(e.value)
 
 

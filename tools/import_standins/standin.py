@@ -1,12 +1,12 @@
-"""Import-only stand-ins for packages that ComfyUI imports at module level but this pack's tests never use.
+"""Import-only stand-ins for packages that ComfyUI imports at module level but this pack never uses.
 
 torchvision and torchaudio have no build for the CPU torch wheel of the test tier; spandrel and kornia pull
 torchvision or a torch build of their own. ComfyUI imports them at module level in code the SD1.5 path never
 runs (0.3.64: Stable Cascade, Cosmos; newer releases also `import torchaudio` in comfy/sd.py's import chain,
 comfy/ldm/lightricks/vae/audio_vae.py). PyAV (`av`, a 35 MB wheel) is imported at module level by comfy_api's
 video and UI types (comfy_api/latest/_ui.py, _input_impl/video_types.py) and is missing on a bare CUDA image
-(../shared/gpu-kit). Each of tests/import_standins/<name>/ is one sys.path entry holding one
-stand-in package, put on the path only when the real package is missing (tests/comfyui_harness.py:
+(../shared/gpu-kit). Each of tools/import_standins/<name>/ is one sys.path entry holding one
+stand-in package, put on the path only when the real package is missing (tools/import_standins/__init__.py:
 import_standin_paths). In a stand-in every attribute and submodule exists (`from torchvision.ops import
 roi_align`, `import torchaudio.functional as AF`, subclassing all import), and calling or instantiating any of
 them raises, so a real use fails loudly. Never shipped, never imported by the pack.
@@ -34,7 +34,7 @@ class _UnavailableType(type):
         return unavailable(f"{cls.__module__}.{cls.__qualname__}.{name}")
 
     def __call__(cls, *args, **kwargs):
-        raise RuntimeError(f"{cls.__module__}.{cls.__qualname__} is not available: tests/import_standins holds an "
+        raise RuntimeError(f"{cls.__module__}.{cls.__qualname__} is not available: tools/import_standins holds an "
                            "import-only stand-in for this package (install the real package to use it)")
 
 

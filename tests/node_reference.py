@@ -1,12 +1,12 @@
-"""The README's node reference, rendered from the LIVE node definitions ComfyUI serves to its frontend.
+"""The node reference (docs/nodes.md), rendered from the LIVE node definitions ComfyUI serves to its frontend.
 
-    python tests/readme_reference.py          # rewrite the block between the markers in README.md
-tests/comfyui/test_readme_reference.py fails when the README's block differs from what this renders.
+    python tests/node_reference.py          # rewrite the block between the markers in docs/nodes.md
+tests/comfyui/test_node_reference.py fails when the block in docs/nodes.md differs from what this renders.
 """
 import sys
 from pathlib import Path
 
-README = Path(__file__).resolve().parent.parent / "README.md"
+REFERENCE = Path(__file__).resolve().parent.parent / "docs" / "nodes.md"
 BEGIN, END = "<!-- node-reference:begin -->", "<!-- node-reference:end -->"
 
 
@@ -56,5 +56,5 @@ if __name__ == "__main__":
     import tempfile
     from comfyui_harness import ComfySession, find_comfyui
     session = ComfySession(find_comfyui(), Path(tempfile.mkdtemp()))
-    README.write_text(replace_block(README.read_text(), render(session.nodes, pack_node_ids(session.nodes))))
-    print(f"updated {README}")
+    REFERENCE.write_text(replace_block(REFERENCE.read_text(), render(session.nodes, pack_node_ids(session.nodes))))
+    print(f"updated {REFERENCE}")

@@ -1,16 +1,17 @@
 #!/usr/bin/env python3
 """Writes the pack's example workflows from ONE definition each, using ComfyUI's LIVE node definitions.
 
-    python workflows/build_workflows.py [--comfyui PATH] [--check]
+    python tools/build_workflows.py [--comfyui PATH] [--check]
 
 For every workflow below it writes
   workflows/<name>.json      the UI (drag-and-drop) format ComfyUI's template browser lists for this pack,
   workflows/api/<name>.json  the API-format twin (ComfyUI's "Export (API)"; for workflows/headless.py or /prompt),
   workflows/<name>.jpg       a thumbnail: a drawing of the graph (the template browser shows it).
 Widget order, which inputs are sockets and which are widgets, output names and unset widget defaults all come
-from the node definitions of the ComfyUI this runs against (headless.widget_slots has the frontend's rules), so
-a node whose inputs change makes the generated files change; tests/comfyui/test_workflows.py checks that the
-committed files are what this script generates. --check only compares and exits 1 when a file is stale.
+from the node definitions of the ComfyUI this runs against (workflows/workflow_graph.py: widget_slots has the
+frontend's rules), so a node whose inputs change makes the generated files change; tests/comfyui/test_workflows.py
+checks that the committed files are what this script generates. --check only compares and exits 1 when a file is
+stale. A development tool: it lives outside workflows/, which ComfyUI serves as the pack's templates.
 
 The committed files are generated against ComfyUI GENERATED_WITH (the release CI runs). A newer ComfyUI writes
 slightly different files (e.g. 0.33.0 gives PreviewImage / SaveImage an IMAGE output); the committed ones still
@@ -27,10 +28,14 @@ from pathlib import Path
 from typing import Callable
 
 GENERATED_WITH = "0.3.64"  # comfyui_version.__version__ of the ComfyUI the committed files are generated against
-HERE = Path(__file__).resolve().parent
-if str(HERE) not in sys.path:
-    sys.path.append(str(HERE))
-import headless  # noqa: E402
+REPO_ROOT = Path(__file__).resolve().parent.parent
+WORKFLOWS_DIR = REPO_ROOT / "workflows"
+for _folder in (WORKFLOWS_DIR, REPO_ROOT / "tools"):  # the headless runner's modules; the import stand-ins
+    if str(_folder) not in sys.path:
+        sys.path.append(str(_folder))
+import comfy_runtime  # noqa: E402
+from import_standins import import_standin_paths  # noqa: E402
+from workflow_graph import combo_options, is_widget, ordered_inputs, outputs_of, spec_type, widget_slots  # noqa: E402
 
 CHECKPOINT = "v1-5-pruned-emaonly.safetensors"
 CONTROLNET = "control_v11p_sd15_canny.pth"
@@ -42,7 +47,7 @@ EDIT = "drawing of a girl wearing a superhero cape"
 # The explanation every workflow shares lives in ONE place; each note points to it with this line.
 SHARED = (f"The settings the SINE workflows share (SINE Finetune, the guidance inputs, what to tune, the "
           f"example image) are explained in workflows/README.md in this pack's folder "
-          f"(custom_nodes/{headless.PACK_DIR_NAME}/workflows/README.md).")
+          f"(custom_nodes/{comfy_runtime.PACK_DIR_NAME}/workflows/README.md).")
 EXAMPLE = (f"The defaults fit ComfyUI's example.png (a child's drawing of a girl): source_prompt '{SOURCE}'. "
            f"For your own image, describe it in both prompts (e.g. 'photo of a sks dog' and 'photo of a dog "
            f"wearing a superhero cape').")
@@ -336,18 +341,23 @@ SINE_COLOR = {"color": "#223", "bgcolor": "#335"}
 NOTE_COLOR = {"color": "#432", "bgcolor": "#653"}
 
 
+def socket_inputs(info: dict) -> list[tuple[str, str, bool]]:
+    """[(name, type, optional)] of the inputs that are connection sockets (not widgets), in order."""
+    return [(n, spec_type(s), opt) for n, s, opt in ordered_inputs(info) if not is_widget(s)]
+
+
 def _default(spec):
     opts = spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {}
     if "default" in opts:
         return opts["default"]
-    options = headless.combo_options(spec)
+    options = combo_options(spec)
     if options:
         return options[0]
-    return {"INT": 0, "FLOAT": 0.0, "STRING": "", "BOOLEAN": False}.get(headless.spec_type(spec))
+    return {"INT": 0, "FLOAT": 0.0, "STRING": "", "BOOLEAN": False}.get(spec_type(spec))
 
 
 def _node_size(kind: str, info: dict, n_widgets: int) -> list[int]:
-    rows = max(len(headless.socket_inputs(info)), len(headless.outputs_of(info)), 1)
+    rows = max(len(socket_inputs(info)), len(outputs_of(info)), 1)
     h = rows * SLOT_H + 8 + n_widgets * WIDGET_H + 8
     if kind == "CLIPTextEncode":
         h += 110
@@ -406,7 +416,7 @@ def _api_prompt(wf: Workflow, ids: dict, infos: dict) -> tuple[dict, dict]:
     api, values = {}, {}
     for n in wf.nodes:
         info = infos[n.key]
-        ordered = headless.ordered_inputs(info)
+        ordered = ordered_inputs(info)
         known = {name for name, _, _ in ordered}
         unknown = set(n.inputs) - known
         if unknown:
@@ -416,7 +426,7 @@ def _api_prompt(wf: Workflow, ids: dict, infos: dict) -> tuple[dict, dict]:
             if name in n.inputs:
                 v = n.inputs[name]
                 inputs[name] = [str(ids[v[0]]), v[1]] if isinstance(v, tuple) else v
-            elif headless.is_widget(spec):  # the frontend sends every widget, optional ones too
+            elif is_widget(spec):  # the frontend sends every widget, optional ones too
                 inputs[name] = _default(spec)
             elif not optional:
                 raise ValueError(f"{wf.name}: {n.key} ({n.type}) needs input '{name}'")
@@ -452,7 +462,7 @@ def _sockets_and_links(wf: Workflow, ids: dict, infos: dict, values: dict):
     ui_inputs: dict[str, list[dict]] = {}
     for n in wf.nodes:
         sockets = []
-        for name, typ, optional in headless.socket_inputs(infos[n.key]):
+        for name, typ, optional in socket_inputs(infos[n.key]):
             entry = {"name": name, "type": typ, "link": None}
             if optional:
                 entry["shape"] = 7
@@ -460,7 +470,7 @@ def _sockets_and_links(wf: Workflow, ids: dict, infos: dict, values: dict):
             if isinstance(v, list):
                 link_id = len(links) + 1
                 src_key = next(k for k, i in ids.items() if str(i) == v[0])
-                src_type = headless.outputs_of(infos[src_key])[v[1]][1]
+                src_type = outputs_of(infos[src_key])[v[1]][1]
                 links.append([link_id, int(v[0]), v[1], ids[n.key], len(sockets), src_type])
                 out_links.setdefault((src_key, v[1]), []).append(link_id)
                 entry["link"] = link_id
@@ -497,7 +507,7 @@ def build(wf: Workflow, object_info: Callable[[str], dict]) -> tuple[dict, dict]
     sizes, widgets = {}, {}
     for n in wf.nodes:
         wv = []
-        for name, kind in headless.widget_slots(infos[n.key]):
+        for name, kind in widget_slots(infos[n.key]):
             if kind == "value":
                 wv.append(values[n.key][name])
             elif kind == "control":
@@ -515,7 +525,7 @@ def build(wf: Workflow, object_info: Callable[[str], dict]) -> tuple[dict, dict]
         info = infos[n.key]
         node = {"id": ids[n.key], "type": n.type, "pos": pos[n.key], "size": sizes[n.key], "flags": {},
                 "order": order[n.key], "mode": 0, "inputs": ui_inputs[n.key], "outputs": []}
-        for i, (name, typ) in enumerate(headless.outputs_of(info)):
+        for i, (name, typ) in enumerate(outputs_of(info)):
             node["outputs"].append({"name": name, "type": typ, "slot_index": i,
                                     "links": out_links.get((n.key, i)) or None})
         if n.title:
@@ -650,7 +660,7 @@ def _fit(draw, text: str, font, width: float) -> str:
 
 
 # ---- command line ---------------------------------------------------------------------------------------------------
-def write_all(h: headless.Headless, out_dir: Path = HERE, check: bool = False) -> list[Path]:
+def write_all(h: comfy_runtime.Headless, out_dir: Path = WORKFLOWS_DIR, check: bool = False) -> list[Path]:
     """Writes (or with check=True, lists the stale) files; returns the paths written or stale."""
     changed = []
     (out_dir / "api").mkdir(parents=True, exist_ok=True)
@@ -675,16 +685,13 @@ def main(argv=None) -> int:
     p.add_argument("--comfyui", help="ComfyUI folder (default: $COMFYUI_PATH, then ~/comfy/ComfyUI)")
     p.add_argument("--check", action="store_true", help="only report stale files (exit 1 if any)")
     args = p.parse_args(argv)
-    root = headless.find_comfyui(args.comfyui)
+    root = comfy_runtime.find_comfyui(args.comfyui)
     if root is None:
         print("build_workflows.py: error: ComfyUI not found; pass --comfyui PATH", file=sys.stderr)
         return 2
-    # Dev tool: the tests' import-only stand-ins for the packages ComfyUI imports but this machine lacks, as the
-    # test harness uses them.
-    sys.path.append(str(HERE.parent / "tests"))
-    from comfyui_harness import import_standin_paths
     work = Path(tempfile.mkdtemp(prefix="sine_build_workflows_"))
-    h = headless.Headless(root, models=work / "models", input=work / "input", output=work / "output",
+    # import-only stand-ins for the packages ComfyUI imports but this machine lacks, as the tests use them
+    h = comfy_runtime.Headless(root, models=work / "models", input=work / "input", output=work / "output",
                           temp=work / "temp", extra_sys_path=import_standin_paths(), cpu=True)
     if not h.pack_load_ok:
         print("build_workflows.py: error: ComfyUI could not import the pack", file=sys.stderr)
@@ -695,7 +702,7 @@ def main(argv=None) -> int:
               f"this is {comfyui_version.__version__}, whose files differ", file=sys.stderr)
     changed = write_all(h, check=args.check)
     for path in changed:
-        print(("stale: " if args.check else "wrote: ") + str(path.relative_to(HERE.parent)))
+        print(("stale: " if args.check else "wrote: ") + str(path.relative_to(REPO_ROOT)))
     return 1 if args.check and changed else 0
 
 

@@ -1,4 +1,4 @@
-"""Import-only stand-in for av: tests/import_standins/standin.py says why, and when it is on the path."""
+"""Import-only stand-in for spandrel: tools/import_standins/standin.py says why, and when it is on the path."""
 import importlib.util as _util
 import pathlib as _pathlib
 import sys as _sys
