@@ -9,22 +9,11 @@ import folder_paths
 from comfy_api.latest import io
 
 from ..sine_ops.adapter_file import AdapterFileError, is_sine_adapter_file, load_adapter_file, save_adapter_file
-from ..sine_ops.adapters import RowRouter
 from ..sine_ops.sine_adapter import SineAdapter
 from . import comfy_compat as compat
-from . import model_patching as mp
+from .adapter_glue import adapter_outputs
 from .errors import InputError, node_errors
 from .types import AdapterType
-
-
-def adapter_outputs(model, clip, adapter: SineAdapter):
-    """(fine-tuned MODEL, CLIP, source CONDITIONING) from an adapter, all on clones of the inputs."""
-    mp.check_family(adapter, model)
-    ft_model = mp.patched_model(model, {0: adapter}, RowRouter())
-    ft_model.model_options["transformer_options"][mp.FINETUNED_FLAG] = True  # the guider refuses it as a base
-    ft_clip = mp.patched_clip(clip, adapter)
-    cond = ft_clip.encode_from_tokens_scheduled(ft_clip.tokenize(adapter.source_prompt))
-    return ft_model, ft_clip, cond
 
 
 SUFFIX = ".safetensors"

@@ -19,7 +19,7 @@ from ..sine_ops.adapters import conv_spec
 from ..sine_ops.lora_import import lora_module
 from ..sine_ops.sine_adapter import SineAdapter
 from . import model_patching as mp
-from .adapter_nodes import adapter_outputs
+from .adapter_glue import adapter_outputs
 from .errors import InputError, node_errors
 from .types import AdapterType
 

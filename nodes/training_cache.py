@@ -19,7 +19,7 @@ import torch
 from ..sine_ops.adapter_file import checksum, state_dict
 from ..sine_ops.config import FinetuneSettings, PatchConfig
 from ..sine_ops.sine_adapter import SineAdapter
-from . import disk_cache
+from . import cache_key, disk_cache
 
 log = logging.getLogger("sine")
 MEMORY_ENTRIES = 2  # states kept in memory (ComfyUI's own output cache usually holds the last result too)
@@ -31,7 +31,7 @@ def lineage_key(model, clip, vae, image, source_prompt: str, settings: FinetuneS
                 patch: PatchConfig | None, mask: torch.Tensor | None) -> str:
     mask_digest = None if mask is None else \
         hashlib.sha256(mask.detach().float().contiguous().cpu().numpy().tobytes()).hexdigest()
-    return disk_cache.cache_key(model, clip, image, source_prompt, replace(settings, steps=0), patch, vae=vae,
+    return cache_key.cache_key(model, clip, image, source_prompt, replace(settings, steps=0), patch, vae=vae,
                                 extra={"mask": mask_digest})
 
 
