@@ -31,8 +31,9 @@ def adapter_outputs(model, clip, adapter: SineAdapter):
 def train_or_reuse(model, clip, vae, image, source_prompt, settings: FinetuneSettings, patch_config, mask,
                    continue_from, save_every: int, use_disk: bool):
     """The adapter of `settings.steps` steps: reused when known, else trained on from the most trained known state
-    of the same run (training_cache), else from zero. Periodic saves and a stopped run's last state are written to
-    the disk cache whatever `use_disk` says (it governs the finished results and the look-up)."""
+    of the same run (training_cache), else from zero. use_disk: results, periodic saves and a stopped run's last
+    state go to the disk cache and are looked up there; off: nothing is read or written there, states are kept in
+    memory for this session."""
     lineage = training_cache.lineage_key(model, clip, vae, image, source_prompt, settings, patch_config, mask)
     if continue_from is not None:
         trained = training_cache.steps_of(continue_from)
@@ -52,18 +53,20 @@ def train_or_reuse(model, clip, vae, image, source_prompt, settings: FinetuneSet
 
     def kept(what: str):
         def keep(adapter):
-            path = training_cache.keep(lineage, adapter, use_disk=True, remember=not use_disk)
+            where = training_cache.keep(lineage, adapter, use_disk, finished=False)
             done = training_cache.steps_of(adapter)
-            log.info(f"{NODE}: {what} at step {done}/{settings.steps}; the state is saved in {path}: run again "
-                     "with the same inputs to continue from it" if path else
-                     f"{NODE}: {what} at step {done}/{settings.steps}; the state could not be saved")
+            log.info(f"{NODE}: {what} at step {done}/{settings.steps}; " + (
+                "the state could not be saved" if where is None else
+                "the state is kept in memory (disk_cache is off): run again with the same inputs in this session "
+                "to continue from it" if where == "memory" else
+                f"the state is saved in {where}: run again with the same inputs to continue from it"))
         return keep
 
     adapter, _ = run_finetune(model, clip, vae, image, source_prompt, settings, patch_config, mask=mask, start=start,
                               save_every=save_every, on_checkpoint=kept("periodic save"),
                               on_stopped=kept("training stopped"))
     refuse_non_finite(adapter)
-    training_cache.keep(lineage, adapter, use_disk, remember=not use_disk)
+    training_cache.keep(lineage, adapter, use_disk)
     return adapter
 
 

@@ -38,9 +38,17 @@ def cache_key(model, clip, image, source_prompt, settings: FinetuneSettings, pat
 
 
 def model_digest(model) -> str:
+    """The MODEL by its base weights and its own patches. The weights are shared by every clone of the checkpoint,
+    and a loaded clone (a LoRA prompt run before) may have patched them in place: those are read as the originals
+    ComfyUI keeps to unpatch them (ModelPatcher.backup, one dict shared by all clones), never as patched."""
     base = model.model
     return _digest([type(base.model_config).__name__, str(base.get_dtype()), str(base.manual_cast_dtype),
-                    _module_digest(base), _patcher_digest(model)])
+                    _module_digest(base, _originals(model)), _patcher_digest(model)])
+
+
+def _originals(patcher) -> dict:
+    """{weight key: unpatched weight} of the weights some clone of `patcher`'s model has patched in place."""
+    return {k: getattr(b, "weight", b) for k, b in dict(getattr(patcher, "backup", None) or {}).items()}
 
 
 def clip_digest(clip, prompt: str) -> str:
@@ -66,11 +74,11 @@ def _patcher_digest(patcher) -> str:
                     patcher.model_options])
 
 
-def _module_digest(module: torch.nn.Module) -> str:
+def _module_digest(module: torch.nn.Module, originals: dict | None = None) -> str:
     h = hashlib.sha256()
     for name, t in list(module.named_parameters()) + list(module.named_buffers()):
         h.update(name.encode())
-        h.update(_tensor_digest(t).encode())
+        h.update(_tensor_digest((originals or {}).get(name, t)).encode())
     return h.hexdigest()
 
 

@@ -13,6 +13,8 @@ import logging
 import os
 import time
 
+import safetensors
+
 import folder_paths
 
 from ..sine_ops.adapter_file import TEMP_SUFFIX, AdapterFileError, load_adapter_file, save_adapter_file
@@ -21,6 +23,7 @@ from ..sine_ops.sine_adapter import SineAdapter
 log = logging.getLogger("sine")
 
 KEY_FIELD, LOSSES_FIELD = "sine_cache_key", "sine_losses"
+UNFINISHED_SUFFIX = "-resume"  # key ending of an unfinished training state: evicted first, never in place of others
 # Size limit of models/sine_cache in GB (SINE_CACHE_LIMIT_GB overrides). A LoRA entry is 3-50 MB, but a full
 # fine-tune entry is a copy of the trained layers (SD1.5 UNet: 3.4 GB, paper preset ~4.7 GB): 8 GB keeps one
 # paper-preset entry or hundreds of LoRA entries without filling a small disk.
@@ -78,9 +81,21 @@ def load_cached(key: str) -> tuple[SineAdapter, list[float]] | None:
     return adapter, [float(v) for v in losses]
 
 
-def store(key: str, adapter: SineAdapter, losses: list[float]) -> bool:
-    """Write the entry (atomically) and trim the folder to its size limit. Never raises for a failed write: logs
-    one warning naming the folder and returns False (the caller still has the trained adapter)."""
+def entry_steps(key: str) -> int | None:
+    """The trained steps an entry records (read from its header only), or None: absent or unreadable."""
+    try:
+        with safetensors.safe_open(entry_path(key), framework="pt", device="cpu") as f:
+            steps = json.loads((f.metadata() or {}).get("sine", "{}")).get("settings", {}).get("steps")
+    except Exception:  # noqa: BLE001 - safetensors' own error types; absent, damaged or foreign: not a start
+        return None
+    return steps if isinstance(steps, int) else None
+
+
+def store(key: str, adapter: SineAdapter, losses: list[float], finished: bool = True) -> bool:
+    """Write the entry (atomically, replacing an entry of the same key) and trim the folder to its size limit.
+    Never raises for a failed write: logs one warning naming the folder and returns False (the caller still has
+    the trained adapter). `finished` False: an unfinished state (key ending UNFINISHED_SUFFIX), which never makes
+    a finished entry go."""
     try:
         os.makedirs(cache_dir(), exist_ok=True)
         save_adapter_file(adapter, entry_path(key), extra_metadata={KEY_FIELD: key, LOSSES_FIELD: json.dumps(losses)})
@@ -89,13 +104,14 @@ def store(key: str, adapter: SineAdapter, losses: list[float]) -> bool:
                     "the adapter is used but will be retrained after a restart. Free space or make the folder "
                     "writable, or turn SINE Finetune's disk_cache off.")
         return False
-    evict(keep=entry_path(key))
+    evict(keep=entry_path(key), finished_too=finished)
     return True
 
 
-def evict(keep: str | None = None) -> list[str]:
-    """Remove least recently used entries until the folder fits its size limit (never `keep`), and temporary
-    files of crashed writes. Returns the removed paths."""
+def evict(keep: str | None = None, finished_too: bool = True) -> list[str]:
+    """Remove entries until the folder fits its size limit (never `keep`): unfinished states first, least
+    recently used first, then (finished_too) finished entries; and temporary files of crashed writes. Returns
+    the removed paths."""
     files = []
     try:
         for entry in os.scandir(cache_dir()):
@@ -105,15 +121,26 @@ def evict(keep: str | None = None) -> list[str]:
         return []
     now = time.time()
     removed = [p for m, _, p in files if p.endswith(TEMP_SUFFIX) and now - m > STALE_TEMP_S and _remove(p)]
-    live = sorted(f for f in files if f[2].endswith(".safetensors"))
+    live = [f for f in files if f[2].endswith(".safetensors")]
     total = sum(size for _, size, _ in live)
-    for _, size, path in live:
+    unfinished = sorted(f for f in live if f[2].endswith(UNFINISHED_SUFFIX + ".safetensors"))
+    finished = sorted(f for f in live if f not in unfinished) if finished_too else []
+    for _, size, path in unfinished + finished:
         if total <= limit_bytes():
             break
         if path != keep and _remove(path):
             total -= size
             removed.append(path)
+    if total > limit_bytes() and not finished_too:
+        log.warning(f"SINE Finetune: the disk cache ({cache_dir()}) is over its size limit by this run's resume "
+                    f"state; finished entries are kept. Raise {LIMIT_ENV} or free space.")
     return removed
+
+
+def remove(key: str) -> None:
+    """Remove `key`'s entry if there is one."""
+    if os.path.exists(entry_path(key)):
+        _remove(entry_path(key))
 
 
 def _touch(path: str) -> None:

@@ -132,7 +132,8 @@ class SineFinetune(io.ComfyNode):
                 io.Boolean.Input("disk_cache", default=True, optional=True,
                                  tooltip="Keep trained adapters in models/sine_cache so unchanged inputs reuse "
                                          "them after a restart (size limit: README, Troubleshooting). Off: "
-                                         "neither read nor written."),
+                                         "neither read nor written (unfinished runs are kept in memory for this "
+                                         "session)."),
                 AdapterType.Input("continue_from", optional=True,
                                   tooltip="A SINE adapter to continue training (from SINE Finetune or Load SINE "
                                           "Adapter), with its optimizer state: steps counts in total, so an "
@@ -148,10 +149,11 @@ class SineFinetune(io.ComfyNode):
                                       "all-white mask trains exactly as no mask. A Load Image mask is 1 where the "
                                       "image is transparent: invert it if the subject is opaque."),
                 io.Int.Input("save_every", default=0, min=0, max=20000, optional=True,
-                             tooltip="Save the training state every N steps into the disk cache (0 = off), so a "
-                                     "crash loses at most N steps; a run with the same inputs continues from the "
-                                     "latest save. A cancelled or failed run always keeps its last completed step "
-                                     "there (the console names the file)."),
+                             tooltip="Keep the training state every N steps (0 = off), so a crash loses at most "
+                                     "N steps; a run with the same inputs continues from it. Each run keeps ONE "
+                                     "resume state in the disk cache, replaced at every save (disk_cache off: in "
+                                     "memory, for this session). A cancelled or failed run always keeps its last "
+                                     "completed step the same way (the console says where)."),
                 io.Float.Input("clip_grad_norm", default=d.clip_grad_norm, min=0.0, max=100.0, step=0.1,
                                optional=True,
                                tooltip="Clip the gradient norm to this value each step; 0 = off (the official "
@@ -169,7 +171,9 @@ class SineFinetune(io.ComfyNode):
                 io.Image.Output(display_name="loss_curve"),
                 io.LossMap.Output(display_name="loss",
                                   tooltip="The loss of every training step as ComfyUI's own training nodes give "
-                                          "it ({'loss': [...]}): connect to the core Loss Graph node."),
+                                          "it ({'loss': [...]}): connect to the core Loss Graph node. That node "
+                                          "needs at least two different values: a 1-step run's single point makes "
+                                          "it fail (ZeroDivisionError in core); loss_curve draws any run."),
             ],
         )
 

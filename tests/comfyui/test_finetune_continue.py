@@ -45,7 +45,14 @@ def six_at_once(comfy, fixtures):
     return comfy.node_output("finetune", 3)
 
 
-def test_previews_are_emitted_and_decodable(comfy, fixtures):
+@pytest.fixture
+def latent2rgb_previews(monkeypatch):
+    """ComfyUI started with --preview-method latent2rgb (0.3.64's default is none: no previews at all)."""
+    from comfy.cli_args import LatentPreviewMethod, args
+    monkeypatch.setattr(args, "preview_method", LatentPreviewMethod.Latent2RGB)
+
+
+def test_previews_are_emitted_and_decodable(comfy, fixtures, latent2rgb_previews):
     comfy.run(graph(fixtures, 3, seed=60, disk_cache=False))
     previews = [(v, t, p) for v, t, p in comfy.previews if t == 3]
     assert previews and previews[-1][0] == 3, [(v, t) for v, t, _ in comfy.previews]

@@ -1,0 +1,108 @@
+"""SINE Finetune trains on the checkpoint it is given, whatever an earlier prompt left loaded (issue 21.1).
+
+In one ComfyUI process, a prompt that left a LoRA-patched clone of the same checkpoint loaded (a stock LoraLoader +
+KSampler, or SINE Finetune on a LoRA-patched MODEL) shares its weight tensors with the plain MODEL. SINE Finetune on
+the plain MODEL afterwards must equal a fine-tune in a clean state, plain CPU and under the GPU-copy emulation.
+"""
+from pathlib import Path
+
+import pytest
+import safetensors.torch
+import torch
+
+from workflows_api import finetune_graph, txt2img
+
+LORA_NAME = "wrong_weights/strong_style.safetensors"
+
+
+def graph(fixtures, model=("ckpt", 0), seed=2101):
+    g = finetune_graph(fixtures["checkpoint"], fixtures["source_image"], steps=3, lr=1e-3, seed=seed, resolution=64)
+    g["finetune"]["inputs"].update(disk_cache=False, model=list(model))
+    return g
+
+
+def with_lora(g):
+    g["lora"] = {"class_type": "LoraLoader", "inputs": {"model": ["ckpt", 0], "clip": ["ckpt", 1],
+                                                        "lora_name": LORA_NAME, "strength_model": 1.0,
+                                                        "strength_clip": 1.0}}
+    return g
+
+
+def lora_ksampler(fixtures):
+    g = with_lora(txt2img(fixtures["checkpoint"], "a dog", seed=1, size=64, steps=2))
+    g["sample"]["inputs"]["model"] = ["lora", 0]
+    return g
+
+
+def params(adapter):
+    return [p.detach().clone() for p in adapter.parameters()]
+
+
+def max_difference(a, b) -> float:
+    return max(float((x - y).abs().max()) for x, y in zip(params(a), params(b), strict=True))
+
+
+@pytest.fixture(scope="module")
+def strong_lora(comfy, fixtures):
+    """A LoRA on every attention projection, large enough that training on it gives another adapter."""
+    comfy.run({"ckpt": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": fixtures["checkpoint"]}},
+               "show": {"class_type": "PreviewAny", "inputs": {"source": ["ckpt", 0]}}})
+    unet = comfy.node_output("ckpt", 0).model.diffusion_model
+    g = torch.Generator().manual_seed(21)
+    sd = {}
+    for name, m in unet.named_modules():
+        if name.endswith(("attn1.to_q", "attn1.to_k", "attn2.to_q", "attn1.to_out.0")):
+            out_f, in_f = m.weight.shape
+            key = f"diffusion_model.{name}"
+            sd[f"{key}.lora_up.weight"] = torch.randn(out_f, 4, generator=g) * 0.5
+            sd[f"{key}.lora_down.weight"] = torch.randn(4, in_f, generator=g) * 0.5
+            sd[f"{key}.alpha"] = torch.tensor(4.0)
+    path = Path(comfy.folder_paths.get_folder_paths("loras")[0]) / LORA_NAME
+    path.parent.mkdir(parents=True, exist_ok=True)
+    safetensors.torch.save_file(sd, str(path))
+    comfy.folder_paths.filename_list_cache.clear()
+    return LORA_NAME
+
+
+def fresh_run(comfy, g, clean: bool = False):
+    """Run `g` with every node executed again and nothing trained reused from memory; clean: after ComfyUI has
+    unloaded (and unpatched) every model, as in a fresh process."""
+    comfy.reset_node_cache()
+    comfy.pack_module("nodes.training_cache")._recent.clear()
+    if clean:
+        import comfy.model_management as mm
+        mm.unload_all_models()
+    comfy.run(g)
+    return comfy.node_output("finetune", 3)
+
+
+def check_after_lora_prompts(comfy, fixtures):
+    clean = fresh_run(comfy, graph(fixtures), clean=True)
+    again = fresh_run(comfy, graph(fixtures), clean=True)
+    noise = max_difference(clean, again)
+    assert noise < 1e-5, noise
+
+    on_lora = fresh_run(comfy, with_lora(graph(fixtures, model=("lora", 0))), clean=True)
+    assert max_difference(on_lora, clean) > 100 * max(noise, 1e-7), "the LoRA does not change training: no test"
+
+    comfy.reset_node_cache()
+    comfy.run(lora_ksampler(fixtures))  # a stock LoRA prompt leaves the LoRA-patched clone loaded
+    after_ksampler = fresh_run(comfy, graph(fixtures))
+    assert max_difference(after_ksampler, clean) <= 10 * max(noise, 1e-7), \
+        f"trained on other weights after a LoRA KSampler: {max_difference(after_ksampler, clean):.3g} from clean, " \
+        f"{max_difference(after_ksampler, on_lora):.3g} from the LoRA run"
+
+    fresh_run(comfy, with_lora(graph(fixtures, model=("lora", 0))))  # SINE Finetune on the LoRA MODEL first
+    after_lora_finetune = fresh_run(comfy, graph(fixtures))
+    assert max_difference(after_lora_finetune, clean) <= 10 * max(noise, 1e-7), \
+        f"trained on other weights after a LoRA fine-tune: {max_difference(after_lora_finetune, clean):.3g}"
+    assert fresh_run(comfy, with_lora(graph(fixtures, model=("lora", 0)))) is not None
+    assert max_difference(comfy.node_output("finetune", 3), on_lora) <= 10 * max(noise, 1e-7)
+
+
+def test_finetune_after_a_lora_prompt_trains_on_the_plain_checkpoint(comfy, fixtures, strong_lora):
+    check_after_lora_prompts(comfy, fixtures)
+
+
+def test_finetune_after_a_lora_prompt_under_device_moves(comfy, fixtures, strong_lora, device_moves):
+    check_after_lora_prompts(comfy, fixtures)
