@@ -23,7 +23,7 @@ from ..sine_ops.sine_adapter import SineAdapter
 from . import cache_key, disk_cache
 
 log = logging.getLogger("sine")
-MEMORY_ENTRIES = 3  # states kept in memory (with the disk cache off) (ComfyUI's own output cache usually holds the last result too)
+MEMORY_ENTRIES = 3  # states kept in memory with the disk cache off (ComfyUI's output cache holds the last too)
 LINEAGE_FIELD = "lineage"  # adapter.settings entry naming the lineage an adapter belongs to
 _recent: OrderedDict[str, SineAdapter] = OrderedDict()  # entry key -> finished adapter
 
