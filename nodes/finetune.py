@@ -139,8 +139,9 @@ class SineFinetune(io.ComfyNode):
                                           "Adapter), with its optimizer state: steps counts in total, so an "
                                           "adapter of 200 steps with steps=400 trains 200 more, and gives what "
                                           "400 steps at once give with the same settings and seed. Set the "
-                                          "layout inputs (method, lora_rank, layers, text_encoder, patch) as it "
-                                          "was trained. Not needed to resume your own runs: with unchanged "
+                                          "inputs that decide what its weights mean (method, lora_rank, "
+                                          "lora_alpha, layers, text_encoder, patch layout) as it was trained: "
+                                          "other values are refused, naming them. Not needed to resume your own runs: with unchanged "
                                           "inputs SINE Finetune finds a cached or cancelled run by itself."),
                 io.Mask.Input("mask", optional=True,
                               tooltip="Optional loss weight: white (1) = learn this area, black (0) = ignore it "
