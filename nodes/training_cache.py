@@ -25,7 +25,7 @@ from . import cache_key, disk_cache
 log = logging.getLogger("sine")
 MEMORY_ENTRIES = 3  # states kept in memory with the disk cache off (ComfyUI's output cache holds the last too)
 LINEAGE_FIELD = "lineage"  # adapter.settings entry naming the lineage an adapter belongs to
-_recent: OrderedDict[str, SineAdapter] = OrderedDict()  # entry key -> finished adapter
+_recent: OrderedDict[str, SineAdapter] = OrderedDict()  # entry key -> adapter (finished or a resume state)
 
 
 def lineage_key(model, clip, vae, image, source_prompt: str, settings: FinetuneSettings,
