@@ -3,6 +3,10 @@
 In one ComfyUI process, a prompt that left a LoRA-patched clone of the same checkpoint loaded (a stock LoraLoader +
 KSampler, or SINE Finetune on a LoRA-patched MODEL) shares its weight tensors with the plain MODEL. SINE Finetune on
 the plain MODEL afterwards must equal a fine-tune in a clean state, plain CPU and under the GPU-copy emulation.
+
+On ComfyUI 0.3.64 the training itself was right before the fix too (these tests passed on e5cd474 in both modes:
+ComfyUI's load of the training clone unpatches the other clone first); what read the patched weights was the cache
+key, computed before that load (the last two tests, which failed on e5cd474).
 """
 from pathlib import Path
 
@@ -111,3 +115,24 @@ def test_finetune_after_a_lora_prompt_trains_on_the_plain_checkpoint(comfy, fixt
 
 def test_finetune_after_a_lora_prompt_under_device_moves(comfy, fixtures, strong_lora, device_moves):
     check_after_lora_prompts(comfy, fixtures)
+
+
+def check_cache_key_after_a_lora_prompt(comfy, fixtures, seed):
+    """The disk-cache key digests the checkpoint's weights: read while a LoRA prompt's patches are still on them,
+    the plain MODEL got another key, so its cached fine-tune was missed (and retrained)."""
+    g = graph(fixtures, seed=seed)
+    g["finetune"]["inputs"]["disk_cache"] = True
+    first = fresh_run(comfy, g, clean=True)
+    assert [v for v, t, _ in comfy.progress if t == 3], "the first run did not train"
+    comfy.run(lora_ksampler(fixtures))
+    again = fresh_run(comfy, g)
+    assert not [v for v, t, _ in comfy.progress if t == 3], "the cached fine-tune was not found after a LoRA prompt"
+    assert max_difference(again, first) == 0
+
+
+def test_the_cache_key_reads_the_unpatched_weights(comfy, fixtures, strong_lora):
+    check_cache_key_after_a_lora_prompt(comfy, fixtures, seed=2121)
+
+
+def test_the_cache_key_reads_the_unpatched_weights_under_device_moves(comfy, fixtures, strong_lora, device_moves):
+    check_cache_key_after_a_lora_prompt(comfy, fixtures, seed=2122)
