@@ -226,7 +226,7 @@ def test_8_damaged_files_malformed_optimizer_state_and_a_save_name_through_a_fil
     del second["step"]  # before: KeyError: 'step'
     adapter_file.save_adapter_file(adapter, str(folder / "malformed.safetensors"))
     comfy.folder_paths.filename_list_cache.clear()
-    cont = graph(fixtures, steps=4, seed=2110, disk_cache=False)
+    cont = graph(fixtures, steps=4, seed=2111, disk_cache=False)  # another run: continue_from is what it starts from
     cont["load"] = {"class_type": "SINE_LoadAdapter", "inputs": {"adapter_name": "hostile/malformed.safetensors"}}
     cont["finetune"]["inputs"]["continue_from"] = ["load", 0]
     expect_error(comfy, cont, "SINE Finetune", "input 'continue_from'", "optimizer state", "malformed")
