@@ -9,22 +9,11 @@ import folder_paths
 from comfy_api.latest import io
 
 from ..sine_ops.adapter_file import AdapterFileError, is_sine_adapter_file, load_adapter_file, save_adapter_file
-from ..sine_ops.adapters import RowRouter
 from ..sine_ops.sine_adapter import SineAdapter
 from . import comfy_compat as compat
-from . import model_patching as mp
+from .adapter_glue import adapter_outputs
 from .errors import InputError, node_errors
 from .types import AdapterType
-
-
-def adapter_outputs(model, clip, adapter: SineAdapter):
-    """(fine-tuned MODEL, CLIP, source CONDITIONING) from an adapter, all on clones of the inputs."""
-    mp.check_family(adapter, model)
-    ft_model = mp.patched_model(model, {0: adapter}, RowRouter())
-    ft_model.model_options["transformer_options"][mp.FINETUNED_FLAG] = True  # the guider refuses it as a base
-    ft_clip = mp.patched_clip(clip, adapter)
-    cond = ft_clip.encode_from_tokens_scheduled(ft_clip.tokenize(adapter.source_prompt))
-    return ft_model, ft_clip, cond
 
 
 SUFFIX = ".safetensors"
@@ -63,6 +52,16 @@ def _check_name_length(root: str, rel: str, numbered: bool) -> None:
                                          f"system allows {limit} per name. Use a shorter name.")
 
 
+def _check_folders_are_folders(root: str, rel: str) -> None:
+    """Every folder part of `rel` is a folder, or absent (then created): never an existing file."""
+    parts = rel.split(os.sep)[:-1]
+    for i in range(1, len(parts) + 1):
+        path = os.path.join(root, *parts[:i])
+        if os.path.lexists(path) and not os.path.isdir(path):
+            raise InputError("filename", f"'{'/'.join(parts[:i])}' is a file in the loras folder, not a folder, "
+                                         "so nothing can be saved inside it; choose another name or subfolder")
+
+
 def _save_target(name: str, overwrite: bool) -> tuple[str, str]:
     """(loras folder, file path inside it) for `name`: name_00001_.safetensors numbered after the files there
     (ComfyUI's convention), or name.safetensors itself when overwrite is on. The name must stay inside the loras
@@ -70,6 +69,7 @@ def _save_target(name: str, overwrite: bool) -> tuple[str, str]:
     root = os.path.abspath(folder_paths.get_folder_paths("loras")[0])
     rel = _checked_name(name)
     _check_name_length(root, rel, numbered=not overwrite)
+    _check_folders_are_folders(root, rel)
     compat.check_save_folder(root, os.path.join(root, os.path.dirname(rel)), "filename")
     if overwrite:
         return root, os.path.join(root, rel + SUFFIX)
@@ -98,7 +98,7 @@ def save_numbered_or_replace(adapter: SineAdapter, name: str, overwrite: bool) -
             _check_replaceable(path)
         try:
             os.makedirs(os.path.dirname(path), exist_ok=True)
-            save_adapter_file(adapter, path, replace=overwrite)
+            save_adapter_file(adapter, path, replace=overwrite, optimizer_sidecar=True)
             break
         except FileExistsError:
             continue
@@ -121,7 +121,9 @@ class SaveSineAdapter(io.ComfyNode):
             display_name="Save SINE Adapter",
             category="SINE",
             description="Saves a SINE adapter to models/loras as .safetensors (ComfyUI LoRA key format: a non-patch "
-                        "adapter also works in the stock LoraLoader) with its prompt, settings and patch config. "
+                        "adapter also works in the stock LoraLoader) with its prompt, settings and patch config; "
+                        "its optimizer state (to continue training) goes beside it as "
+                        "name.sine-optimizer-state. "
                         "Files are numbered as ComfyUI's save nodes number them (name_00001_.safetensors); "
                         "nothing is replaced unless overwrite is on.",
             is_output_node=True,

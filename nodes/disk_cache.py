@@ -2,45 +2,34 @@
 
 An entry is `<key>.safetensors`, an adapter file whose checked metadata holds its key: a damaged, foreign (another
 entry copied over it) or stale (older format) entry is deleted and the adapter retrained. The key covers everything
-that changes what is trained (see cache_key). The folder is kept under a size limit, least recently used entries
+that changes what is trained (nodes/cache_key.py). The folder is kept under a size limit, least recently used entries
 going first (a hit touches its entry). Writing is best effort: a read-only or full disk costs the cache, never the
 trained adapter.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
 import time
-from dataclasses import asdict
-from pathlib import Path
 
-import torch
+import safetensors
 
 import folder_paths
 
 from ..sine_ops.adapter_file import TEMP_SUFFIX, AdapterFileError, load_adapter_file, save_adapter_file
-from ..sine_ops.config import FinetuneSettings, PatchConfig
 from ..sine_ops.sine_adapter import SineAdapter
-from ..sine_ops.tensor_views import normal_view
-from ..sine_ops.training_data import as_rgb
 
 log = logging.getLogger("sine")
 
 KEY_FIELD, LOSSES_FIELD = "sine_cache_key", "sine_losses"
+UNFINISHED_SUFFIX = "-resume"  # key ending of an unfinished training state: evicted first, never in place of others
 # Size limit of models/sine_cache in GB (SINE_CACHE_LIMIT_GB overrides). A LoRA entry is 3-50 MB, but a full
 # fine-tune entry is a copy of the trained layers (SD1.5 UNet: 3.4 GB, paper preset ~4.7 GB): 8 GB keeps one
 # paper-preset entry or hundreds of LoRA entries without filling a small disk.
 DEFAULT_LIMIT_GB = 8.0
 LIMIT_ENV = "SINE_CACHE_LIMIT_GB"
 STALE_TEMP_S = 3600  # temporary files of a write that crashed are removed after an hour
-# The modules whose code decides what training produces: their source is part of the key, so an update of the
-# pack's training code never reuses an adapter the old code trained.
-_TRAINING_CODE = ("sine_ops/training.py", "sine_ops/training_data.py", "sine_ops/adapters.py",
-                  "sine_ops/positional_grid.py", "sine_ops/config.py", "sine_ops/sine_adapter.py",
-                  "nodes/training_run.py", "nodes/model_patching.py")
-_SAMPLE = 4096  # elements of each tensor hashed byte for byte (besides its full sum and sum of squares)
 
 
 def cache_dir() -> str:
@@ -53,117 +42,6 @@ def limit_bytes() -> int:
     except ValueError:
         log.warning(f"SINE: {LIMIT_ENV}={os.environ[LIMIT_ENV]!r} is not a number; using {DEFAULT_LIMIT_GB} GB")
         return int(DEFAULT_LIMIT_GB * 1024 ** 3)
-
-
-# ---- the key --------------------------------------------------------------------------------------------------------
-def cache_key(model, clip, image, source_prompt, settings: FinetuneSettings, patch: PatchConfig | None,
-              vae=None, extra: dict | None = None) -> str:
-    """Everything that changes the trained adapter: the image, prompt, settings and patch config; the UNet's and
-    text encoder's effective weights (content of the weights and of every patch on them, object patches, model
-    options); the CLIP's layer (CLIP Set Last Layer) and tokenizer settings; the VAE that encodes the image; the
-    pack's training code. `extra`: further JSON-able inputs of the caller."""
-    h = hashlib.sha256()
-    h.update(as_rgb(image).contiguous().float().cpu().numpy().tobytes())
-    h.update(json.dumps({"prompt": source_prompt, "settings": asdict(settings), "extra": extra,
-                         "patch": None if patch is None else patch.to_dict()}, sort_keys=True, default=str).encode())
-    for part in (_training_code_digest(), model_digest(model), clip_digest(clip, source_prompt),
-                 "no vae" if vae is None else vae_digest(vae)):
-        h.update(part.encode())
-    return h.hexdigest()[:32]
-
-
-def model_digest(model) -> str:
-    base = model.model
-    return _digest([type(base.model_config).__name__, str(base.get_dtype()), str(base.manual_cast_dtype),
-                    _module_digest(base), _patcher_digest(model)])
-
-
-def clip_digest(clip, prompt: str) -> str:
-    """The CLIP by what it gives the training: the prompt's conditioning (which every weight, patch, layer choice
-    and tokenizer option it uses shows in), and its patches. Not its raw weights: a checkpoint without some
-    unused CLIP weights (SD1.x has no text projection) leaves them uninitialised, different after every load."""
-    with torch.inference_mode():
-        conds = clip.encode_from_tokens_scheduled(clip.tokenize(prompt))
-    # fp16 bytes: the same CLIP gives the same digest even where kernels differ in the last bits
-    rounded = [(c.half(), {k: v.half() if torch.is_tensor(v) and v.is_floating_point() else v
-                           for k, v in sorted(extra.items())}) for c, extra in conds]
-    return _digest([clip.layer_idx, clip.tokenizer_options, rounded, _patcher_digest(clip.patcher)])
-
-
-def vae_digest(vae) -> str:
-    return _digest([str(getattr(vae, "vae_dtype", None)), _module_digest(vae.first_stage_model),
-                    _patcher_digest(vae.patcher)])
-
-
-def _patcher_digest(patcher) -> str:
-    """Weight patches (LoRAs etc., by content and strengths), object patches and model options of a ModelPatcher."""
-    return _digest([sorted(patcher.patches.items()), sorted(patcher.object_patches.items()),
-                    patcher.model_options])
-
-
-def _module_digest(module: torch.nn.Module) -> str:
-    h = hashlib.sha256()
-    for name, t in list(module.named_parameters()) + list(module.named_buffers()):
-        h.update(name.encode())
-        h.update(_tensor_digest(t).encode())
-    return h.hexdigest()
-
-
-def _tensor_digest(t: torch.Tensor) -> str:
-    """dtype, shape, float64 sum and sum of squares of all elements, and the bytes of a strided sample: any
-    weight change worth a cache miss changes one of them. Read through a view of the storage: a model weight may
-    be in the state a GPU offload outside inference mode leaves it, where any other view fails (tensor_views)."""
-    t = normal_view(t) if type(t) in (torch.Tensor, torch.nn.Parameter) else t.detach()  # subclasses: as they are
-    flat = t.reshape(-1)
-    head = f"{t.dtype}{tuple(t.shape)}"
-    if not t.is_floating_point():
-        return head + hashlib.sha256(flat.cpu().numpy().tobytes()).hexdigest()
-    f = flat.float()
-    sample = f[:: max(1, f.numel() // _SAMPLE)].cpu().numpy().tobytes()
-    stats = torch.stack([f.sum(dtype=torch.float64), (f.double() ** 2).sum()]).tolist() if f.numel() else []
-    return head + repr(stats) + hashlib.sha256(sample).hexdigest()
-
-
-def _digest(obj) -> str:
-    h = hashlib.sha256()
-    _feed(h, obj)
-    return h.hexdigest()
-
-
-def _feed(h, obj) -> None:
-    """Stable across restarts: tensors by content, containers recursively, weight adapters (objects with
-    `weights`, e.g. a loaded LoRA) by their tensors, any other object by its type name (never its id)."""
-    if torch.is_tensor(obj):
-        h.update(_tensor_digest(obj).encode())
-    elif isinstance(obj, (str, int, float, bool, type(None))):
-        h.update(repr(obj).encode())
-    elif isinstance(obj, dict):
-        h.update(b"{")
-        for k in sorted(obj, key=repr):
-            _feed(h, k)
-            _feed(h, obj[k])
-        h.update(b"}")
-    elif isinstance(obj, (list, tuple, set, frozenset)):
-        h.update(b"[")
-        for item in (sorted(obj, key=repr) if isinstance(obj, (set, frozenset)) else obj):
-            _feed(h, item)
-        h.update(b"]")
-    else:
-        h.update(f"<{type(obj).__module__}.{type(obj).__qualname__}".encode())
-        if hasattr(obj, "weights"):
-            _feed(h, getattr(obj, "weights"))
-        h.update(b">")
-
-
-_code_digest: str | None = None
-
-
-def _training_code_digest() -> str:
-    global _code_digest
-    if _code_digest is None:
-        root = Path(__file__).resolve().parent.parent
-        _code_digest = _digest([(p, (root / p).read_bytes().decode("utf-8", "replace")) for p in _TRAINING_CODE])
-    return _code_digest
 
 
 # ---- entries --------------------------------------------------------------------------------------------------------
@@ -203,9 +81,21 @@ def load_cached(key: str) -> tuple[SineAdapter, list[float]] | None:
     return adapter, [float(v) for v in losses]
 
 
-def store(key: str, adapter: SineAdapter, losses: list[float]) -> bool:
-    """Write the entry (atomically) and trim the folder to its size limit. Never raises for a failed write: logs
-    one warning naming the folder and returns False (the caller still has the trained adapter)."""
+def entry_steps(key: str) -> int | None:
+    """The trained steps an entry records (read from its header only), or None: absent or unreadable."""
+    try:
+        with safetensors.safe_open(entry_path(key), framework="pt", device="cpu") as f:
+            steps = json.loads((f.metadata() or {}).get("sine", "{}")).get("settings", {}).get("steps")
+    except Exception:  # noqa: BLE001 - safetensors' own error types; absent, damaged or foreign: not a start
+        return None
+    return steps if isinstance(steps, int) else None
+
+
+def store(key: str, adapter: SineAdapter, losses: list[float], finished: bool = True) -> bool:
+    """Write the entry (atomically, replacing an entry of the same key) and trim the folder to its size limit.
+    Never raises for a failed write: logs one warning naming the folder and returns False (the caller still has
+    the trained adapter). `finished` False: an unfinished state (key ending UNFINISHED_SUFFIX), which never makes
+    a finished entry go."""
     try:
         os.makedirs(cache_dir(), exist_ok=True)
         save_adapter_file(adapter, entry_path(key), extra_metadata={KEY_FIELD: key, LOSSES_FIELD: json.dumps(losses)})
@@ -214,13 +104,14 @@ def store(key: str, adapter: SineAdapter, losses: list[float]) -> bool:
                     "the adapter is used but will be retrained after a restart. Free space or make the folder "
                     "writable, or turn SINE Finetune's disk_cache off.")
         return False
-    evict(keep=entry_path(key))
+    evict(keep=entry_path(key), finished_too=finished)
     return True
 
 
-def evict(keep: str | None = None) -> list[str]:
-    """Remove least recently used entries until the folder fits its size limit (never `keep`), and temporary
-    files of crashed writes. Returns the removed paths."""
+def evict(keep: str | None = None, finished_too: bool = True) -> list[str]:
+    """Remove entries until the folder fits its size limit (never `keep`): unfinished states first, least
+    recently used first, then (finished_too) finished entries; and temporary files of crashed writes. Returns
+    the removed paths."""
     files = []
     try:
         for entry in os.scandir(cache_dir()):
@@ -230,15 +121,26 @@ def evict(keep: str | None = None) -> list[str]:
         return []
     now = time.time()
     removed = [p for m, _, p in files if p.endswith(TEMP_SUFFIX) and now - m > STALE_TEMP_S and _remove(p)]
-    live = sorted(f for f in files if f[2].endswith(".safetensors"))
+    live = [f for f in files if f[2].endswith(".safetensors")]
     total = sum(size for _, size, _ in live)
-    for _, size, path in live:
+    unfinished = sorted(f for f in live if f[2].endswith(UNFINISHED_SUFFIX + ".safetensors"))
+    finished = sorted(f for f in live if f not in unfinished) if finished_too else []
+    for _, size, path in unfinished + finished:
         if total <= limit_bytes():
             break
         if path != keep and _remove(path):
             total -= size
             removed.append(path)
+    if total > limit_bytes() and not finished_too:
+        log.warning(f"SINE Finetune: the disk cache ({cache_dir()}) is over its size limit by this run's resume "
+                    f"state; finished entries are kept. Raise {LIMIT_ENV} or free space.")
     return removed
+
+
+def remove(key: str) -> None:
+    """Remove `key`'s entry if there is one."""
+    if os.path.exists(entry_path(key)):
+        _remove(entry_path(key))
 
 
 def _touch(path: str) -> None:

@@ -1,27 +1,20 @@
 """SINE Finetune: stage one of SINE on the user's loaded checkpoint (docs/method.md §2, §3)."""
 from __future__ import annotations
 
-import logging
-
 import torch
 
 from comfy_api.latest import io
 
-from ..sine_ops.adapter_file import AdapterFileError, check_finite
 from ..sine_ops.config import (LAYER_SETS, METHODS, PRECISIONS, PRESETS, RESIZE_MODES, TEXT_ENCODER_MODES,
-                               FinetuneSettings, family_sizes, resolve_settings, sizes_text)
+                               FinetuneSettings, resolve_settings, sizes_text)
 from .previews import loss_curve_image
-from . import memory_guard
-from . import training_cache
 from . import comfy_compat as compat
 from . import model_patching as mp
-from .adapter_nodes import adapter_outputs
+from .adapter_glue import adapter_outputs, train_or_reuse
 from .errors import InputError, node_errors
-from .training_run import run_finetune
 from .types import AdapterType, PatchConfigType
 
 NODE = "SINE Finetune"
-log = logging.getLogger("sine")
 
 
 def validate(settings: FinetuneSettings, image: torch.Tensor, source_prompt: str) -> None:
@@ -65,24 +58,6 @@ def validated_mask(mask: torch.Tensor | None) -> torch.Tensor | None:
         raise InputError("mask", "the mask is empty (all 0): nothing would be trained. White (1) marks what to "
                                  "learn; invert it (InvertMask) if it marks the background")
     return m
-
-
-def check_memory(model, settings: FinetuneSettings, patch) -> None:
-    """Refuse a training size that cannot fit in the device's memory at all (nodes/memory_guard.py)."""
-    family = mp.model_family(model)
-    try:
-        side, input_name = (patch.resolved(family).train_resolution, "patch_config") if patch is not None else \
-            (settings.resolution or family_sizes(family).native, "resolution")
-    except ValueError:
-        return  # an invalid patch config: the training run reports it, naming the setting
-    memory_guard.check_training(model, (side, side), input_name)
-
-
-def refuse_non_finite(adapter) -> None:
-    try:
-        check_finite(adapter)
-    except AdapterFileError as e:
-        raise InputError("learning_rate", f"{e}; lower the learning rate") from None
 
 
 class SineFinetune(io.ComfyNode):
@@ -157,14 +132,16 @@ class SineFinetune(io.ComfyNode):
                 io.Boolean.Input("disk_cache", default=True, optional=True,
                                  tooltip="Keep trained adapters in models/sine_cache so unchanged inputs reuse "
                                          "them after a restart (size limit: README, Troubleshooting). Off: "
-                                         "neither read nor written."),
+                                         "neither read nor written (unfinished runs are kept in memory for this "
+                                         "session)."),
                 AdapterType.Input("continue_from", optional=True,
                                   tooltip="A SINE adapter to continue training (from SINE Finetune or Load SINE "
                                           "Adapter), with its optimizer state: steps counts in total, so an "
                                           "adapter of 200 steps with steps=400 trains 200 more, and gives what "
                                           "400 steps at once give with the same settings and seed. Set the "
-                                          "layout inputs (method, lora_rank, layers, text_encoder, patch) as it "
-                                          "was trained. Not needed to resume your own runs: with unchanged "
+                                          "inputs that decide what its weights mean (method, lora_rank, "
+                                          "lora_alpha, layers, text_encoder, patch layout) as it was trained: "
+                                          "other values are refused, naming them. Not needed to resume your own runs: with unchanged "
                                           "inputs SINE Finetune finds a cached or cancelled run by itself."),
                 io.Mask.Input("mask", optional=True,
                               tooltip="Optional loss weight: white (1) = learn this area, black (0) = ignore it "
@@ -173,10 +150,11 @@ class SineFinetune(io.ComfyNode):
                                       "all-white mask trains exactly as no mask. A Load Image mask is 1 where the "
                                       "image is transparent: invert it if the subject is opaque."),
                 io.Int.Input("save_every", default=0, min=0, max=20000, optional=True,
-                             tooltip="Save the training state every N steps into the disk cache (0 = off), so a "
-                                     "crash loses at most N steps; a run with the same inputs continues from the "
-                                     "latest save. A cancelled or failed run always keeps its last completed step "
-                                     "there (the console names the file)."),
+                             tooltip="Keep the training state every N steps (0 = off), so a crash loses at most "
+                                     "N steps; a run with the same inputs continues from it. Each run keeps ONE "
+                                     "resume state in the disk cache, replaced at every save (disk_cache off: in "
+                                     "memory, for this session). A cancelled or failed run always keeps its last "
+                                     "completed step the same way (the console says where)."),
                 io.Float.Input("clip_grad_norm", default=d.clip_grad_norm, min=0.0, max=100.0, step=0.1,
                                optional=True,
                                tooltip="Clip the gradient norm to this value each step; 0 = off (the official "
@@ -194,7 +172,9 @@ class SineFinetune(io.ComfyNode):
                 io.Image.Output(display_name="loss_curve"),
                 io.LossMap.Output(display_name="loss",
                                   tooltip="The loss of every training step as ComfyUI's own training nodes give "
-                                          "it ({'loss': [...]}): connect to the core Loss Graph node."),
+                                          "it ({'loss': [...]}): connect to the core Loss Graph node. That node "
+                                          "needs at least two different values: a 1-step run's single point makes "
+                                          "it fail (ZeroDivisionError in core); loss_curve draws any run."),
             ],
         )
 
@@ -225,40 +205,3 @@ def refuse_quantized(model, clip, settings: FinetuneSettings) -> None:
     compat.refuse_quantized_training(mp.unet_layers(model, "all"), "model")
     if settings.text_encoder != "off":
         compat.refuse_quantized_training(mp.text_encoder_layers(clip, "full"), "clip")
-
-
-def train_or_reuse(model, clip, vae, image, source_prompt, settings: FinetuneSettings, patch_config, mask,
-                   continue_from, save_every: int, use_disk: bool):
-    """The adapter of `settings.steps` steps: reused when known, else trained on from the most trained known state
-    of the same run (training_cache), else from zero. Periodic saves and a stopped run's last state are written to
-    the disk cache whatever `use_disk` says (it governs the finished results and the look-up)."""
-    lineage = training_cache.lineage_key(model, clip, vae, image, source_prompt, settings, patch_config, mask)
-    if continue_from is not None:
-        if training_cache.steps_of(continue_from) > settings.steps:
-            raise InputError("steps", f"{settings.steps} is fewer than the {training_cache.steps_of(continue_from)} "
-                                      "steps continue_from already has; steps counts in total")
-        if continue_from.settings.get(training_cache.LINEAGE_FIELD) != lineage:
-            lineage = training_cache.foreign_lineage(lineage, continue_from)
-    start = training_cache.best_start(lineage, settings.steps, continue_from, use_disk)
-    if start is not None and training_cache.steps_of(start) == settings.steps:
-        log.info(f"{NODE}: reusing the trained {settings.steps}-step state ({lineage})")
-        return start
-    if start is not None:
-        log.info(f"{NODE}: continuing from {training_cache.steps_of(start)} trained steps to {settings.steps}")
-    check_memory(model, settings, patch_config)
-
-    def kept(what: str):
-        def keep(adapter):
-            path = training_cache.keep(lineage, adapter, use_disk=True, remember=not use_disk)
-            done = training_cache.steps_of(adapter)
-            log.info(f"{NODE}: {what} at step {done}/{settings.steps}; the state is saved in {path}: run again "
-                     "with the same inputs to continue from it" if path else
-                     f"{NODE}: {what} at step {done}/{settings.steps}; the state could not be saved")
-        return keep
-
-    adapter, _ = run_finetune(model, clip, vae, image, source_prompt, settings, patch_config, mask=mask, start=start,
-                              save_every=save_every, on_checkpoint=kept("periodic save"),
-                              on_stopped=kept("training stopped"))
-    refuse_non_finite(adapter)
-    training_cache.keep(lineage, adapter, use_disk, remember=not use_disk)
-    return adapter

@@ -61,6 +61,9 @@ def _entry(adapter, source_conditioning, weight, start_percent, end_percent, mas
     if mask is not None and (not isinstance(mask, torch.Tensor) or mask.ndim not in (2, 3) or mask.numel() == 0):
         raise InputError("mask", f"expected a MASK (H x W or B x H x W), got "
                                  f"{tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__}")
+    if mask is not None and not torch.isfinite(mask).all():
+        raise InputError("mask", "the mask contains NaN/Inf values, which would make the whole latent NaN; check "
+                                 "the node that produced it")
     return GuidanceEntry(adapter, source_conditioning, weight, start_percent, end_percent,
                          None if mask is None else mask.detach().float().clamp(0, 1), outside_weight, mask_feather)
 

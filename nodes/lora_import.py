@@ -8,6 +8,8 @@ SINE-trained adapter.
 """
 from __future__ import annotations
 
+import torch
+
 import comfy.lora
 import comfy.lora_convert
 import comfy.utils
@@ -19,11 +21,12 @@ from ..sine_ops.adapters import conv_spec
 from ..sine_ops.lora_import import lora_module
 from ..sine_ops.sine_adapter import SineAdapter
 from . import model_patching as mp
-from .adapter_nodes import adapter_outputs
+from .adapter_glue import adapter_outputs
 from .errors import InputError, node_errors
 from .types import AdapterType
 
 NODE_NAME = "SINE LoRA as Fine-tuned Model"
+SINE_ONLY_PREFIX = "sine."  # sine_ops.adapter_file's keys beside the LoRA keys
 
 
 class _ReadRecorder(dict):
@@ -96,6 +99,12 @@ def lora_adapter(model, clip, lora_sd: dict, lora_name: str, source_prompt: str,
         unet_side = target.startswith("diffusion_model.")
         module = comfy.utils.get_attr(model.model if unet_side else clip.cond_stage_model, path)
         up, down, alpha = patch.weights[:3]
+        bad = [name for name, t in (("lora_up", up), ("lora_down", down), ("alpha", alpha))
+               if t is not None and not torch.isfinite(torch.as_tensor(t)).all()]
+        if bad:
+            raise InputError("lora_name", f"{lora_name}, layer {path}: {' and '.join(bad)} hold NaN/Inf values, "
+                                          "which would make every image NaN (a damaged file or a diverged "
+                                          "training). Pick another LoRA")
         try:
             adapter = lora_module(tuple(module.weight.shape), up, down, alpha, strength, conv_spec(module))
         except ValueError as e:
@@ -152,6 +161,14 @@ class SineLoraAsAdapter(io.ComfyNode):
             path = folder_paths.get_full_path_or_raise("loras", lora_name)
             if not path.endswith(".safetensors"):
                 raise InputError("lora_name", f"{lora_name} is not a .safetensors file; only safetensors are read")
-            lora_sd = comfy.utils.load_torch_file(path, safe_load=True)
+            try:
+                lora_sd = comfy.utils.load_torch_file(path, safe_load=True)
+            except Exception as e:  # noqa: BLE001 - safetensors' own error types for a truncated / foreign file
+                raise InputError("lora_name", f"{path} is not a readable .safetensors file ({type(e).__name__}: "
+                                              f"{e}); it may be truncated (an interrupted download) or another "
+                                              "format renamed. Download or save it again") from None
+            # SINE-only tensors of a Save SINE Adapter file (grid gate, an older file's optimizer state), which
+            # ComfyUI's LoRA loader skips too
+            lora_sd = {k: v for k, v in lora_sd.items() if not k.startswith(SINE_ONLY_PREFIX)}
             adapter = lora_adapter(model, clip, lora_sd, lora_name, source_prompt.strip(), strength)
             return io.NodeOutput(*adapter_outputs(model, clip, adapter), adapter)

@@ -35,16 +35,13 @@ def loss_curve_image(losses: list[float], width: int = 512, height: int = 256) -
 
 
 def latent_decoder(model):
-    """latent (B, C, h, w) in the model's space -> PIL image, through ComfyUI's preview decoder for the user's
-    preview method (TAESD if set up) or, when previews are off or unavailable, the model's latent2rgb factors (a
-    matrix product: no extra UNet or VAE run). Returns None where the model has neither."""
-    latent_format = model.model.latent_format
-    previewer = latent_preview.get_previewer(model.load_device, latent_format)
-    if previewer is None and latent_format.latent_rgb_factors is not None:
-        previewer = latent_preview.Latent2RGBPreviewer(latent_format.latent_rgb_factors,
-                                                       latent_format.latent_rgb_factors_bias)
+    """latent (B, C, h, w) in the model's space -> PIL image through the preview decoder ComfyUI's own samplers use
+    for the user's preview setting (latent_preview.get_previewer: TAESD, latent2rgb...), or None when ComfyUI shows
+    no previews (--preview-method none, its default, or no decoder for this model): then SINE Finetune sends no
+    preview frames either, as the stock KSampler."""
+    previewer = latent_preview.get_previewer(model.load_device, model.model.latent_format)
     if previewer is None:
-        return lambda latent: None
+        return None
     return lambda latent: previewer.decode_latent_to_preview(latent[:1].float())
 
 

@@ -5,7 +5,8 @@ but `steps`, patch config, model, CLIP, VAE, training code). Because step k's ra
 and the AdamW state is kept, the k-step state of a lineage is the same whether it was reached at once or in parts.
 So a 400-step request continues the lineage's most trained state with at most 400 steps (a cached 200-step run,
 the 200 steps a cancelled run completed, a periodic save) and never retrains what is already trained. States are
-kept in the disk cache as `<lineage>-<steps>` entries and, for when the disk cache is off, in memory (the last few).
+kept in the disk cache as `<lineage>-<steps>` entries plus one rolling `<lineage>-resume` entry for the unfinished
+state (periodic saves, a cancelled run) and, when the disk cache is off, in memory only (the last few).
 """
 from __future__ import annotations
 
@@ -19,19 +20,19 @@ import torch
 from ..sine_ops.adapter_file import checksum, state_dict
 from ..sine_ops.config import FinetuneSettings, PatchConfig
 from ..sine_ops.sine_adapter import SineAdapter
-from . import disk_cache
+from . import cache_key, disk_cache
 
 log = logging.getLogger("sine")
-MEMORY_ENTRIES = 2  # states kept in memory (ComfyUI's own output cache usually holds the last result too)
+MEMORY_ENTRIES = 3  # states kept in memory with the disk cache off (ComfyUI's output cache holds the last too)
 LINEAGE_FIELD = "lineage"  # adapter.settings entry naming the lineage an adapter belongs to
-_recent: OrderedDict[str, SineAdapter] = OrderedDict()  # entry key -> finished adapter
+_recent: OrderedDict[str, SineAdapter] = OrderedDict()  # entry key -> adapter (finished or a resume state)
 
 
 def lineage_key(model, clip, vae, image, source_prompt: str, settings: FinetuneSettings,
                 patch: PatchConfig | None, mask: torch.Tensor | None) -> str:
     mask_digest = None if mask is None else \
         hashlib.sha256(mask.detach().float().contiguous().cpu().numpy().tobytes()).hexdigest()
-    return disk_cache.cache_key(model, clip, image, source_prompt, replace(settings, steps=0), patch, vae=vae,
+    return cache_key.cache_key(model, clip, image, source_prompt, replace(settings, steps=0), patch, vae=vae,
                                 extra={"mask": mask_digest})
 
 
@@ -43,6 +44,12 @@ def foreign_lineage(lineage: str, start: SineAdapter) -> str:
 
 def entry_key(lineage: str, steps: int) -> str:
     return f"{lineage}-{steps}"
+
+
+def resume_key(lineage: str) -> str:
+    """The one rolling entry of a run's unfinished state (periodic saves, a cancelled or failed run): replaced in
+    place by each newer state, so save_every never piles up entries."""
+    return lineage + disk_cache.UNFINISHED_SUFFIX
 
 
 def steps_of(adapter: SineAdapter) -> int:
@@ -60,26 +67,37 @@ def best_start(lineage: str, steps: int, given: SineAdapter | None, use_disk: bo
                      if (n := _steps_in(k, lineage)) is not None and best < n <= steps)
     for n, key in reversed(on_disk):
         cached = disk_cache.load_cached(key)  # None for a damaged entry (then removed): try the next one
-        if cached is not None:
+        if cached is not None and steps_of(cached[0]) == n:
             return replace(cached[0], losses=cached[1])
     return known.get(best)
 
 
 def _steps_in(key: str, lineage: str) -> int | None:
+    if key == resume_key(lineage):
+        return disk_cache.entry_steps(key)
     tail = key[len(lineage) + 1:]
     return int(tail) if tail.isdigit() else None
 
 
-def keep(lineage: str, adapter: SineAdapter, use_disk: bool, remember: bool) -> str | None:
-    """Record a state of `lineage` (tagging the adapter with it): in memory (remember) and in the disk cache
-    (use_disk). Returns the written file, or None."""
+def keep(lineage: str, adapter: SineAdapter, use_disk: bool, finished: bool = True) -> str | None:
+    """Record a state of `lineage` (tagging the adapter with it): in the disk cache (use_disk), else in memory
+    only (nothing is written with the disk cache off). A finished state gets its own `<lineage>-<steps>` entry and
+    drops the run's resume state when it is not ahead of it; an unfinished one replaces the run's resume state.
+    Returns where it is kept: the written file, "memory", or None (a failed write)."""
     adapter.settings[LINEAGE_FIELD] = lineage
-    key = entry_key(lineage, steps_of(adapter))
-    if remember:
+    key = entry_key(lineage, steps_of(adapter)) if finished else resume_key(lineage)
+    if not use_disk:
         _recent[key] = adapter
         _recent.move_to_end(key)
-        while len(_recent) > MEMORY_ENTRIES:
-            _recent.popitem(last=False)
-    if use_disk and disk_cache.store(key, adapter, adapter.losses):
-        return disk_cache.entry_path(key)
-    return None
+        if finished and steps_of(_recent.get(resume_key(lineage), adapter)) <= steps_of(adapter):
+            _recent.pop(resume_key(lineage), None)
+        while len(_recent) > MEMORY_ENTRIES:  # unfinished states go first, then the least recent
+            oldest = next((k for k in _recent if k != key and k.endswith(disk_cache.UNFINISHED_SUFFIX)),
+                          next(iter(_recent)))
+            _recent.pop(oldest)
+        return "memory"
+    if not disk_cache.store(key, adapter, adapter.losses, finished=finished):
+        return None
+    if finished and (disk_cache.entry_steps(resume_key(lineage)) or 0) <= steps_of(adapter):
+        disk_cache.remove(resume_key(lineage))
+    return disk_cache.entry_path(key)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import logging
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 from typing import Callable
 
@@ -24,7 +25,7 @@ from ..sine_ops.config import RECON_LOSS_WEIGHT, FinetuneSettings, OptimConfig, 
 from ..sine_ops.sine_adapter import SineAdapter
 from ..sine_ops.training import (TrainingDiverged, TrainProgress, denoising_loss, noisy_latent, reconstruction_loss,
                                  step_generator, train)
-from ..sine_ops.training_data import FreshCropSampler, training_sampler
+from ..sine_ops.training_data import FreshCropSampler, MaskTooSmall, training_sampler
 from . import comfy_compat as compat
 from . import model_patching as mp
 from . import previews
@@ -69,7 +70,7 @@ def run_finetune(model, clip, vae, image, source_prompt: str, settings: Finetune
         prior = list(start.losses) if start is not None else []
         progress, start_step = TrainProgress(), 0
         try:
-            start_step, optimizer_state = _continue_from(setup.adapter, start, settings)
+            start_step, optimizer_state = _continue_from(setup.adapter, start)
             _train_loop(setup, settings, progress, start_step, optimizer_state, prior,
                         save_every, lambda: on_checkpoint(_snapshot(setup.adapter, progress, prior, copy_params=True)))
         except BaseException:
@@ -117,24 +118,32 @@ def _keep_stopped(on_stopped: Checkpoint, adapter: SineAdapter) -> None:
         log.warning(f"SINE Finetune: could not keep the stopped run's state ({type(e).__name__}: {e})")
 
 
-def _continue_from(adapter: SineAdapter, start: SineAdapter | None, settings: FinetuneSettings):
+# Settings that change what trained weights mean: continuing under other values would silently rescale or
+# misplace what was learned (lora_alpha scales the LoRA update; the patch layout places the positional grid).
+MEANING_SETTINGS = ("method", "layers", "text_encoder")
+LORA_SETTINGS = ("lora_rank", "lora_alpha")
+PATCH_LAYOUT = ("working_size", "train_resolution", "grid_size", "interpolation", "grid_gate")
+
+
+def _continue_from(adapter: SineAdapter, start: SineAdapter | None):
     """(first step, optimizer state in parameter order or None): copies `start`'s weights into the fresh
-    `adapter` after checking it has the same layout."""
+    `adapter` after checking it was trained with the same meaning-changing settings and layout."""
     if start is None:
         return 0, None
+    differing = _differing_settings(start, adapter)
+    if differing:
+        raise InputError("continue_from", "this adapter was trained with other settings, which change what its "
+                                          f"weights mean: {'; '.join(differing)}. Set them as it was trained, or "
+                                          "disconnect continue_from")
     ours, theirs = dict(adapter.named_parameters()), dict(start.named_parameters())
     trained = start.settings.get("steps")
-    if set(ours) != set(theirs) or any(ours[k].shape != theirs[k].shape for k in ours) or \
-            (adapter.patch is None) != (start.patch is None):
+    if set(ours) != set(theirs) or any(ours[k].shape != theirs[k].shape for k in ours):
         raise InputError("continue_from", "this adapter was trained with another layout (method, lora_rank, "
                                           "layers, text_encoder, grid_gate or patch mode); set those inputs as it "
                                           f"was trained: {_layout_text(start.settings)}")
     if not isinstance(trained, int) or trained < 1:
         raise InputError("continue_from", "this adapter does not record how many steps it was trained; it cannot "
                                           "be continued")
-    if trained > settings.steps:
-        raise InputError("steps", f"{settings.steps} is fewer than the {trained} steps continue_from already has; "
-                                  f"steps counts in total: set more than {trained} (or disconnect continue_from)")
     with torch.no_grad():
         for name, p in ours.items():
             p.copy_(theirs[name].to(p))
@@ -143,11 +152,37 @@ def _continue_from(adapter: SineAdapter, start: SineAdapter | None, settings: Fi
         log.warning("SINE Finetune: continue_from has no optimizer state (saved without it); AdamW restarts "
                     "from zero, so the result differs from one uninterrupted run")
         return trained, None
-    return trained, [state.get(name, {}) for name in ours]
+    return trained, [_checked_optimizer_state(name, p, state.get(name, {})) for name, p in ours.items()]
 
 
-def _layout_text(settings: dict) -> str:
-    return ", ".join(f"{k}={settings.get(k)}" for k in ("method", "lora_rank", "layers", "text_encoder"))
+def _differing_settings(start: SineAdapter, adapter: SineAdapter) -> list[str]:
+    """'<setting> <as trained> (this run: <now>)' for each meaning-changing setting that differs; settings the
+    file does not record are not compared."""
+    was, now = start.settings, adapter.settings
+    names = MEANING_SETTINGS + (LORA_SETTINGS if now.get("method") == "lora" == was.get("method") else ())
+    differing = [f"{k} {was[k]!r} (this run: {now.get(k)!r})" for k in names if k in was and was[k] != now.get(k)]
+    if (start.patch is None) != (adapter.patch is None):
+        differing.append(f"patch_config {'connected' if start.patch is not None else 'not connected'} (this run: "
+                         f"{'connected' if adapter.patch is not None else 'not connected'})")
+    elif start.patch is not None:
+        differing += [f"patch {k} {getattr(start.patch, k)!r} (this run: {getattr(adapter.patch, k)!r})"
+                      for k in PATCH_LAYOUT if getattr(start.patch, k) != getattr(adapter.patch, k)]
+    return differing
+
+
+def _checked_optimizer_state(name: str, param: torch.Tensor, state: dict) -> dict:
+    """The AdamW state of one parameter as the optimizer takes it, or InputError naming what is malformed."""
+    if not state:
+        return {}
+    missing = [f for f in ("step", "exp_avg", "exp_avg_sq") if f not in state]
+    bad = [f for f in ("exp_avg", "exp_avg_sq") if f in state and tuple(state[f].shape) != tuple(param.shape)]
+    if missing or bad or state["step"].numel() != 1:
+        what = f"missing {', '.join(missing)}" if missing else \
+            f"{', '.join(bad) or 'step'} of the wrong shape" + (f" ({tuple(state[bad[0]].shape)}, the parameter "
+                                                                 f"is {tuple(param.shape)})" if bad else "")
+        raise InputError("continue_from", f"its optimizer state for {name} is malformed ({what}); the file is "
+                                          "damaged. Continue from another adapter, or train from zero")
+    return state
 
 
 def _snapshot(adapter: SineAdapter, progress: TrainProgress, prior: list[float], copy_params: bool) -> SineAdapter:
@@ -177,7 +212,7 @@ def _prepare(model, clip, vae, image, source_prompt, settings, patch, generator,
             patch = patch.resolved(family)
         except ValueError as e:
             raise InputError("patch_config", f"{e} (set in SINE Patch Resolution Config)") from None
-    with torch.no_grad():
+    with torch.no_grad(), _mask_errors():
         data = training_sampler(image.clone(), lambda px: comfy_call(_encoded_latent, model, vae, px), settings,
                                 family, patch, generator, None if mask is None else mask.clone(),
                                 on_item=_interruptible)
@@ -275,16 +310,29 @@ def _train_loop(s: TrainingSetup, settings: FinetuneSettings, progress: TrainPro
     config = OptimConfig(steps=settings.steps, learning_rate=settings.learning_rate,
                          clip_grad_norm=settings.clip_grad_norm, checkpoint_every=save_every)
     try:
-        with torch.enable_grad(), compat.training_mode():
+        with torch.enable_grad(), compat.training_mode(), _mask_errors():
             train(s.adapter.parameters(), loss_at_step, config, on_step, start_step=start_step,
                   optimizer_state=optimizer_state, progress=progress, on_checkpoint=lambda _: checkpoint())
     except TrainingDiverged as e:
         raise InputError("learning_rate", str(e)) from None
+    finally:
+        if s.data.missed_crops:
+            log.info(f"SINE Finetune: {s.data.missed_crops} crops missed the mask's white area and were drawn "
+                     "again")
+
+
+@contextmanager
+def _mask_errors():
+    try:
+        yield
+    except MaskTooSmall as e:
+        raise InputError("mask", str(e)) from None
 
 
 def _step_reporter(s: TrainingSetup, total: int, prior_losses: list[float], progress: TrainProgress, last: dict):
     """on_step for train(): cancel, the progress bar with a live preview every PREVIEW_EVERY_S seconds (first
-    and last step included), and a console loss line every LOG_EVERY steps or LOG_EVERY_S seconds."""
+    and last step included; none where ComfyUI's preview setting shows none: previews.latent_decoder), and a
+    console loss line every LOG_EVERY steps or LOG_EVERY_S seconds."""
     pbar = comfy.utils.ProgressBar(total)
     decode = previews.latent_decoder(s.model)
     clock = {"preview": None, "log": time.monotonic(), "logged_step": progress.step}
@@ -293,8 +341,8 @@ def _step_reporter(s: TrainingSetup, total: int, prior_losses: list[float], prog
         comfy.model_management.throw_exception_if_processing_interrupted()
         now = time.monotonic()
         preview = None
-        if PREVIEW_EVERY_S is not None and (clock["preview"] is None or step == total or
-                                            now - clock["preview"] >= PREVIEW_EVERY_S):
+        if decode is not None and PREVIEW_EVERY_S is not None and \
+                (clock["preview"] is None or step == total or now - clock["preview"] >= PREVIEW_EVERY_S):
             preview = previews.training_preview(prior_losses + progress.losses, comfy_call(decode, last["denoised"]))
             clock["preview"] = now
         pbar.update_absolute(step, total, preview)

@@ -6,6 +6,12 @@ parts of a non-patch adapter: `diffusion_model.<module>.lora_down.weight / .lora
 SINE-only parts ride along under `sine.` keys (ComfyUI ignores them) and in the `sine` metadata entry. Two
 checksums: `sine_checksum` over the tensors, `sine_metadata_checksum` over every other metadata entry (so a cache
 entry's key, stored in its metadata, is checked too).
+
+The AdamW state that lets an adapter continue training is bulky (twice the weights) and would be 'lora key not
+loaded' for every stock loader, so a file in the loras folder keeps it in a sidecar file beside it,
+`<name>.sine-optimizer-state` (safetensors; an extension ComfyUI lists nowhere), bound to the adapter by its tensor
+checksum. Disk-cache entries, which no loader lists, keep it inline under `sine.optim.` keys, as older adapter files
+did (still read).
 """
 from __future__ import annotations
 
@@ -15,6 +21,8 @@ import os
 import re
 import tempfile
 
+import logging
+
 import safetensors
 import safetensors.torch
 import torch
@@ -23,7 +31,10 @@ from .adapters import FullDelta, LoRA
 from .config import PatchConfig
 from .sine_adapter import SineAdapter
 
+log = logging.getLogger("sine")
 FORMAT_VERSION = 1
+SIDECAR_SUFFIX = ".sine-optimizer-state"  # the optimizer-state file beside `<name>.safetensors`
+SIDECAR_FOR_KEY = "sine_optimizer_state_for"  # sidecar metadata: the adapter tensors' checksum it belongs to
 TE_PREFIX = "text_encoders."
 GRID_GATE_KEY = "sine.grid_gate"
 OPTIM_PREFIX, OPTIM_FIELDS = "sine.optim.", ("step", "exp_avg", "exp_avg_sq")  # AdamW state, to continue training
@@ -67,8 +78,8 @@ def split_optimizer_state(sd: dict[str, torch.Tensor]):
     optional `sine.optim.<parameter>.<step|exp_avg|exp_avg_sq>` keys let a saved adapter continue training."""
     state: dict[str, dict[str, torch.Tensor]] = {}
     for k in [k for k in sd if k.startswith(OPTIM_PREFIX)]:
-        name, field = k[len(OPTIM_PREFIX):].rsplit(".", 1)
-        if field not in OPTIM_FIELDS:
+        name, _, field = k[len(OPTIM_PREFIX):].rpartition(".")
+        if not name or field not in OPTIM_FIELDS:
             raise AdapterFileError(f"unexpected optimizer-state key {k!r}")
         state.setdefault(name, {})[field] = sd[k].float()
     return {k: v for k, v in sd.items() if not k.startswith(OPTIM_PREFIX)}, state or None
@@ -264,18 +275,37 @@ def is_sine_adapter_file(path: str) -> bool:
 
 
 def save_adapter_file(adapter: SineAdapter, path: str, extra_metadata: dict[str, str] | None = None,
-                      replace: bool = True) -> None:
+                      replace: bool = True, optimizer_sidecar: bool = False) -> None:
     """Atomic write: a temporary name in the same folder (not listed by ComfyUI), flushed, then renamed; a crash
     never leaves a half-written file under the final name. replace=False never replaces an existing file (raises
-    FileExistsError, also when another writer got there first). Refuses NaN/Inf weights (AdapterFileError)."""
+    FileExistsError, also when another writer got there first). Refuses NaN/Inf weights (AdapterFileError).
+    optimizer_sidecar: the optimizer state goes to sidecar_path(path) (replaced, or removed when there is none)
+    instead of into the file, so stock LoRA loaders read the file without unknown keys."""
     sd = state_dict(adapter)
     bad = non_finite_tensor(sd)
     if bad is not None:
         raise AdapterFileError(f"the adapter's tensor {bad} holds NaN/Inf values (training diverged); not saved")
+    optim = {k: v for k, v in sd.items() if k.startswith(OPTIM_PREFIX)} if optimizer_sidecar else {}
+    sd = {k: v for k, v in sd.items() if k not in optim}
+    _write_atomically(sd, metadata(adapter, sd, extra_metadata), path, replace)
+    if not optimizer_sidecar:
+        return
+    sidecar = sidecar_path(path)
+    if optim:
+        _write_atomically(optim, {SIDECAR_FOR_KEY: checksum(sd), CHECKSUM_KEY: checksum(optim)}, sidecar, True)
+    elif os.path.lexists(sidecar):
+        os.remove(sidecar)  # the state of an adapter this file no longer holds
+
+
+def sidecar_path(path: str) -> str:
+    return (path[:-len(".safetensors")] if path.endswith(".safetensors") else path) + SIDECAR_SUFFIX
+
+
+def _write_atomically(sd: dict[str, torch.Tensor], meta: dict[str, str], path: str, replace: bool) -> None:
     fd, tmp = tempfile.mkstemp(prefix=TEMP_PREFIX, suffix=TEMP_SUFFIX, dir=os.path.dirname(path) or ".")
     os.close(fd)
     try:
-        safetensors.torch.save_file(sd, tmp, metadata=metadata(adapter, sd, extra_metadata))
+        safetensors.torch.save_file(sd, tmp, metadata=meta)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         _publish(tmp, path, replace)
@@ -300,14 +330,43 @@ def _publish(tmp: str, path: str, replace: bool) -> None:
 
 def load_adapter_file(path: str, require_checksums: bool = False) -> tuple[SineAdapter, dict[str, str]]:
     """Only safetensors are read (no pickle: nothing in a file can run code). Raises AdapterFileError naming the
-    file and what is wrong."""
+    file and what is wrong. The optimizer state comes from the file or else its sidecar (a sidecar that does not
+    belong to this file, or is damaged, is skipped with a warning: the adapter itself is intact)."""
+    meta, sd = _read(path)
     try:
-        with safetensors.safe_open(path, framework="pt", device="cpu") as f:
-            meta = f.metadata() or {}
-            sd = {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as e:  # safetensors raises its own error types for truncated / non-safetensors files
-        raise AdapterFileError(f"{path}: not a readable .safetensors file ({type(e).__name__}: {e})") from None
-    try:
-        return from_state_dict(sd, meta, require_checksums), meta
+        adapter = from_state_dict(sd, meta, require_checksums)
     except AdapterFileError as e:
         raise AdapterFileError(f"{path}: {e}") from None
+    if adapter.optimizer_state is None:
+        adapter.optimizer_state = _sidecar_state(path, sd)
+    return adapter, meta
+
+
+def _read(path: str) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
+    try:
+        with safetensors.safe_open(path, framework="pt", device="cpu") as f:
+            return f.metadata() or {}, {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:  # safetensors raises its own error types for truncated / non-safetensors files
+        raise AdapterFileError(f"{path}: not a readable .safetensors file ({type(e).__name__}: {e}); it may be "
+                               "truncated (an interrupted copy) or another format renamed") from None
+
+
+def _sidecar_state(path: str, sd: dict[str, torch.Tensor]) -> dict | None:
+    """The optimizer state in `path`'s sidecar, or None: no sidecar, or one that is not usable (warned)."""
+    sidecar = sidecar_path(path)
+    if not os.path.exists(sidecar):
+        return None
+    try:
+        meta, optim = _read(sidecar)
+        if meta.get(SIDECAR_FOR_KEY) != checksum(sd):
+            raise AdapterFileError("it belongs to another version of the adapter file")
+        if meta.get(CHECKSUM_KEY) != checksum(optim) or non_finite_tensor(optim) is not None:
+            raise AdapterFileError("it is damaged")
+        rest, state = split_optimizer_state(optim)
+        if rest:
+            raise AdapterFileError(f"unexpected keys {sorted(rest)[:3]}")
+    except AdapterFileError as e:
+        log.warning(f"SINE: optimizer state {sidecar} is not used ({e}); the adapter loads without it, and "
+                    "continuing its training restarts AdamW")
+        return None
+    return state

@@ -30,6 +30,8 @@ def main():
     args = p.parse_args()
     timing.check_repeats(args.repeats)
     session, fx = w.start(Path(tempfile.mkdtemp(prefix="sine_bench_preview_")))
+    from comfy.cli_args import LatentPreviewMethod, args as comfy_args
+    comfy_args.preview_method = LatentPreviewMethod.Latent2RGB  # previews follow ComfyUI's setting (default: none)
     training_run = session.pack_module("nodes.training_run")
     shipped = training_run.PREVIEW_EVERY_S
     model, clip, vae = w.load_checkpoint(fx)

@@ -167,7 +167,7 @@ def _write_lora(path: Path, value: float):
 
 
 def test_key_covers_lora_content_vae_and_training_code(comfy, fixtures, monkeypatch):
-    disk_cache = comfy.pack_module("nodes.disk_cache")
+    cache_key = comfy.pack_module("nodes.cache_key")
     settings = comfy.pack_module("sine_ops.config").FinetuneSettings()
     folder = loras(comfy) / "files_safety"
     folder.mkdir(parents=True, exist_ok=True)
@@ -187,7 +187,7 @@ def test_key_covers_lora_content_vae_and_training_code(comfy, fixtures, monkeypa
     image = comfy.node_output("image", 0)
 
     def key(m=model, c=clip, v=vae):
-        return disk_cache.cache_key(m, c, image, "photo of a sks dog", settings, None, vae=v)
+        return cache_key.cache_key(m, c, image, "photo of a sks dog", settings, None, vae=v)
     base = key()
     assert key(m=comfy.node_output("a", 0)) != key(m=comfy.node_output("b", 0)) != base
     comfy_sd = importlib.import_module("comfy.sd")
@@ -195,7 +195,7 @@ def test_key_covers_lora_content_vae_and_training_code(comfy, fixtures, monkeypa
     sd["encoder.conv_in.weight"] += 0.01
     other_vae = comfy_sd.VAE(sd=sd)
     assert key(v=other_vae) != base
-    monkeypatch.setattr(disk_cache, "_code_digest", "another version of the training code")
+    monkeypatch.setattr(cache_key, "_code_digest", "another version of the training code")
     assert key() != base
 
 
@@ -259,14 +259,14 @@ def test_non_finite_adapter_file_is_refused_even_with_a_recomputed_checksum(comf
 
 
 def test_non_finite_weights_after_training_are_refused_and_not_cached(comfy, fixtures, monkeypatch):
-    finetune = comfy.pack_module("nodes.finetune")
-    real = finetune.run_finetune
+    glue = comfy.pack_module("nodes.adapter_glue")
+    real = glue.run_finetune
 
     def diverged(*args, **kw):
         adapter, losses = real(*args, **kw)
         next(iter(adapter.unet.values())).up.data.fill_(float("nan"))
         return adapter, losses
-    monkeypatch.setattr(finetune, "run_finetune", diverged)
+    monkeypatch.setattr(glue, "run_finetune", diverged)
     before = set(cache_dir(comfy).glob("*.safetensors"))
     expect_error(comfy, ft(fixtures, seed=1410), "SINE Finetune", "'learning_rate'", "NaN/Inf")
     assert set(cache_dir(comfy).glob("*.safetensors")) == before

@@ -1,6 +1,7 @@
 """SINE Finetune that a user can watch, continue and keep (issue 11), and its loss mask (issue 12), inside real
 ComfyUI on the random-weight SD1.5 fixture at 64 px."""
 import io as bytes_io
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -38,6 +39,11 @@ def cache_entries(comfy) -> set[Path]:
     return set((Path(comfy.folder_paths.models_dir) / "sine_cache").glob("*.safetensors"))
 
 
+def entry_steps(comfy, entry: Path) -> int:
+    """The trained steps a cache entry records (a `-resume` entry's name does not say them)."""
+    return comfy.pack_module("nodes.disk_cache").entry_steps(entry.stem)
+
+
 @pytest.fixture(scope="module")
 def six_at_once(comfy, fixtures):
     """The reference: 6 steps from zero, disk cache off (so nothing is read from an earlier run)."""
@@ -45,7 +51,14 @@ def six_at_once(comfy, fixtures):
     return comfy.node_output("finetune", 3)
 
 
-def test_previews_are_emitted_and_decodable(comfy, fixtures):
+@pytest.fixture
+def latent2rgb_previews(monkeypatch):
+    """ComfyUI started with --preview-method latent2rgb (0.3.64's default is none: no previews at all)."""
+    from comfy.cli_args import LatentPreviewMethod, args
+    monkeypatch.setattr(args, "preview_method", LatentPreviewMethod.Latent2RGB)
+
+
+def test_previews_are_emitted_and_decodable(comfy, fixtures, latent2rgb_previews):
     comfy.run(graph(fixtures, 3, seed=60, disk_cache=False))
     previews = [(v, t, p) for v, t, p in comfy.previews if t == 3]
     assert previews and previews[-1][0] == 3, [(v, t) for v, t, _ in comfy.previews]
@@ -105,22 +118,28 @@ def test_cancel_keeps_a_continuable_state(comfy, fixtures):
     with pytest.raises(WorkflowError, match="interrupted|Interrupt"):
         comfy.run(graph(fixtures, 6, seed=63))
     kept = cache_entries(comfy) - before
-    assert len(kept) == 1, kept
-    done = int(kept.pop().stem.rsplit("-", 1)[1])
+    assert len(kept) == 1 and next(iter(kept)).stem.endswith("-resume"), kept
+    resume = kept.pop()
+    done = entry_steps(comfy, resume)
     assert 1 <= done < 6
     comfy.run(graph(fixtures, 6, seed=63))
     assert trained_steps(comfy, 6)[0] == done + 1, "the cancelled run's steps were trained again"
+    assert not resume.exists()  # the finished 6-step entry supersedes the resume state
     continued = comfy.node_output("finetune", 3)
     comfy.run(graph(fixtures, 6, seed=63, disk_cache=False))
     assert trained_steps(comfy, 6)[0] == 1
     assert_same_adapter(continued, comfy.node_output("finetune", 3))
 
 
-def test_periodic_saves(comfy, fixtures):
+def test_periodic_saves(comfy, fixtures, caplog):
+    """Each periodic save replaces the run's one resume state; the finished entry supersedes it."""
     before = cache_entries(comfy)
-    comfy.run(graph(fixtures, 5, seed=64, save_every=2))
-    steps = sorted(int(p.stem.rsplit("-", 1)[1]) for p in cache_entries(comfy) - before)
-    assert steps == [2, 4, 5], steps
+    with caplog.at_level(logging.INFO, logger="sine"):
+        comfy.run(graph(fixtures, 5, seed=64, save_every=2))
+    saves = [line for line in caplog.text.splitlines() if "periodic save at step" in line]
+    assert [s.split("periodic save at step ")[1][:3] for s in saves] == ["2/5", "4/5"], saves
+    assert all("-resume.safetensors" in s for s in saves), saves
+    assert [p.stem.rsplit("-", 1)[1] for p in cache_entries(comfy) - before] == ["5"]
 
 
 def test_all_ones_mask_trains_bit_identically(comfy, fixtures):
@@ -174,4 +193,4 @@ def test_a_base_exception_cancel_is_not_swallowed_and_keeps_the_state(comfy, fix
     with pytest.raises(WorkflowError, match="interrupted|Interrupt"):
         comfy.run(graph(fixtures, 5, seed=66))
     kept = cache_entries(comfy) - before
-    assert len(kept) == 1 and 1 <= int(kept.pop().stem.rsplit("-", 1)[1]) < 5
+    assert len(kept) == 1 and 1 <= entry_steps(comfy, kept.pop()) < 5
