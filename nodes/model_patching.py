@@ -126,7 +126,7 @@ class RoutingWrapper:
         if owners is not None:
             chunks = args["cond_or_uncond"]
             per_chunk = args["input"].shape[0] // len(chunks)
-            row_owner = torch.tensor([owners[c] for c in chunks]).repeat_interleave(per_chunk)
+            row_owner = [owners[c] for c in chunks for _ in range(per_chunk)]  # host values: no device op
         # apply_model is the running BaseModel's bound method: its owner is the model whose layers must be used
         with self.router.route(row_owner, root=getattr(apply_model, "__self__", None)):
             if self.previous is not None:
