@@ -99,7 +99,10 @@ class LoRA(nn.Module):
         """y += up(down(x)) * scale in place, for the rows given (views of the layer's output and input): the down
         projection and one fused multiply-add into y (baddbmm_, bit-equal on the CPU to y + h @ up)."""
         down, up = weights
-        h = _apply(x, down, None, self.conv)
+        return self.add_up(y, _apply(x, down, None, self.conv), up)
+
+    def add_up(self, y: torch.Tensor, h: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        """y += up(h) in place, h = the down projection of the rows' input."""
         if self.conv is None and 2 <= y.dim() <= 3:
             y3, h3 = (y, h) if y.dim() == 3 else (y.unsqueeze(0), h.unsqueeze(0))
             y3.baddbmm_(h3, up.flatten(1).t().expand(y3.shape[0], -1, -1))
@@ -160,6 +163,7 @@ class _Routing:
     row_owner: tuple | None  # adapter id per row (-1 = base), None = every row is every adapter's
     root: nn.Module | None
     rows: dict = field(default_factory=dict)  # adapter id (, device) -> rows, filled by the first layer that asks
+    shared: tuple | None = None  # SharedDown's latest projection: (SharedDown, input, rows, projection)
 
     def rows_of(self, adapter_id: int, batch: int, device=None):
         if self.row_owner is None:
@@ -220,6 +224,39 @@ class RowRouter:
             self._state.reset(token)
 
 
+class SharedDown:
+    """The LoRA down projections of sibling layers that attention runs on one input (to_q / to_k / to_v), computed
+    as one projection while sampling: one kernel instead of one per layer. The concatenated, cast weights are
+    cached like AdaptedForward's; the projection of the latest input is kept in the forward's routing state (one
+    slot, so per thread, and released with the forward), and a sibling called on another tensor (cross-attention's
+    key and value on the context) projects that tensor itself."""
+
+    def __init__(self, loras: list[LoRA]):
+        self.loras = loras
+        bounds = [0]
+        for lora in loras:
+            bounds.append(bounds[-1] + lora.rank)
+        self.bounds = bounds
+        self._cast: dict = {}  # (device, dtype) -> (stamp, concatenated down)
+
+    def down(self, x: torch.Tensor) -> torch.Tensor:
+        key = (x.device, x.dtype)
+        stamp = tuple((lora.down.data_ptr(), lora.down._version) for lora in self.loras)
+        cached = self._cast.get(key)
+        if cached is None or cached[0] != stamp:
+            with torch.no_grad():
+                cached = self._cast[key] = (stamp, torch.cat([lora.down for lora in self.loras]).to(x))
+        return cached[1]
+
+    def project(self, state: "_Routing", member: int, x: torch.Tensor, rows: slice) -> torch.Tensor:
+        """The down projection of layer `member` on its rows of x (a column slice of the shared projection)."""
+        slot = state.shared
+        if slot is None or slot[0] is not self or slot[1] is not x or slot[2] != rows:
+            h = F.linear(x[rows], self.down(x))
+            slot = state.shared = (self, x, rows, h)
+        return slot[3][..., self.bounds[member]:self.bounds[member + 1]]
+
+
 class AdaptedForward:
     """Replacement for `module.forward`: the class forward (the base output) plus each routed adapter's delta,
     added in place into the adapter's rows of that output (the other rows keep the base output bit for bit).
@@ -231,8 +268,10 @@ class AdaptedForward:
     change (a new tensor or an in-place update: its version counter); trained ones run on their parameters.
     """
 
-    def __init__(self, module: nn.Module, path: str, adapters: dict[int, nn.Module], router: RowRouter):
+    def __init__(self, module: nn.Module, path: str, adapters: dict[int, nn.Module], router: RowRouter,
+                 shared: dict[int, tuple[SharedDown, int]] | None = None):
         self.module, self.path, self.adapters, self.router = module, path, dict(adapters), router
+        self.shared = shared or {}  # adapter id -> (SharedDown, this layer's index in it), for frozen LoRAs
         self._modules_by_root: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
         self._cast: dict = {}  # (adapter id, device, dtype) -> (weights stamp, cast weights)
 
@@ -266,7 +305,11 @@ class AdaptedForward:
             if rows is None:
                 continue
             weights = self._weights(adapter_id, adapter, x)
-            if isinstance(rows, slice):
+            shared = self.shared.get(adapter_id) if state is not None and isinstance(rows, slice) else None
+            if shared is not None and not (torch.is_grad_enabled() and adapter.down.requires_grad):
+                h = shared[0].project(state, shared[1], x, rows)
+                adapter.add_up(y[rows], h, weights[1])  # in place into the rows' view of y
+            elif isinstance(rows, slice):
                 whole = rows.start is None and rows.stop is None
                 adapter.add_delta(y if whole else y[rows], x if whole else x[rows], weights)  # in place into y
             else:

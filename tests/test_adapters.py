@@ -260,3 +260,32 @@ def test_adapter_forward_has_no_graph_breaks():
     dynamo.reset()
     assert frozen.graph_break_count == 0, frozen.break_reasons
     assert trained.graph_break_count == 0, trained.break_reasons
+
+
+def test_shared_down_projection_of_q_k_v():
+    """While sampling, to_q / to_k / to_v LoRAs on one input run their down projections as one (SharedDown); on a
+    different input (cross-attention's context) a sibling projects that input itself. Same outputs as apart."""
+    from op_counter import OpCounter
+    from sine_ops.adapters import SharedDown
+    torch.manual_seed(0)
+    layers = {n: nn.Linear(6, 6) for n in ("to_q", "to_k", "to_v")}
+    loras = {n: make_adapter("linear", m, "lora", seed=i) for i, (n, m) in enumerate(layers.items())}
+    group = SharedDown([loras[n] for n in layers])
+    router = RowRouter()
+    fwd = {n: AdaptedForward(m, n, {0: loras[n]}, router, {0: (group, i)}) for i, (n, m) in enumerate(layers.items())}
+    x, context = torch.randn(3, 4, 6), torch.randn(3, 5, 6)
+    with torch.no_grad(), router.route([-1, -1, 0]):
+        [fwd[n](x) for n in layers]  # casts once (a forward of its own: the projection is kept per forward)
+    with torch.no_grad(), router.route([-1, -1, 0]):
+        with OpCounter() as self_attn:
+            out = {n: fwd[n](x) for n in layers}
+        with OpCounter() as cross_attn:
+            cross = {"to_q": fwd["to_q"](x), "to_k": fwd["to_k"](context), "to_v": fwd["to_v"](context)}
+    assert self_attn.ops == 3 + 1 + 3   # 3 base linears, one shared down projection, 3 fused adds
+    assert cross_attn.ops == 3 + 2 + 3  # the context is projected once more, for the key and value
+    for n, m in layers.items():
+        with torch.no_grad():
+            expected = m(x) + loras[n](x)
+            expected_ctx = m(context) + loras[n](context)
+        assert torch.equal(out[n][:2], m(x)[:2]) and torch.allclose(out[n][2], expected[2], atol=1e-6)
+        assert torch.allclose(cross[n][2], (expected if n == "to_q" else expected_ctx)[2], atol=1e-6)
