@@ -279,6 +279,7 @@ def test_shared_down_projection_of_q_k_v():
     with torch.no_grad(), router.route([-1, -1, 0]):
         with OpCounter() as self_attn:
             out = {n: fwd[n](x) for n in layers}
+    with torch.no_grad(), router.route([-1, -1, 0]):
         with OpCounter() as cross_attn:
             cross = {"to_q": fwd["to_q"](x), "to_k": fwd["to_k"](context), "to_v": fwd["to_v"](context)}
     assert self_attn.ops == 3 + 1 + 3   # 3 base linears, one shared down projection, 3 fused adds
