@@ -54,6 +54,13 @@ def _check_conv(weight_shape: tuple, conv: dict | None) -> dict | None:
     return conv
 
 
+def _autocast_on(device_type: str) -> bool:
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except TypeError:  # torch < 2.4: no device argument
+        return torch.is_autocast_enabled() if device_type == "cuda" else torch.is_autocast_cpu_enabled()
+
+
 def _apply(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, conv: dict | None) -> torch.Tensor:
     return F.linear(x, weight, bias) if conv is None else F.conv2d(x, weight, bias, **conv)
 
@@ -108,6 +115,14 @@ class LoRA(nn.Module):
             y3.baddbmm_(h3, up.flatten(1).t().expand(y3.shape[0], -1, -1))
             return y
         return y.add_(_apply(h, up, None, None if self.conv is None else {}))
+
+    def merged_weight(self, weight: torch.Tensor) -> torch.Tensor:
+        """weight + scale * up @ down, in the graph (training): one addmm, whose backward is the layer's weight
+        gradient times down and up, instead of a second forward path through the rank (LoraDiff-style)."""
+        up, down = self.up.flatten(1), self.down.flatten(1)
+        if weight.dtype == up.dtype or _autocast_on(weight.device.type):
+            return torch.addmm(weight.flatten(1), up, down, alpha=self.scale).view(weight.shape)
+        return weight + (up @ down).mul(self.scale).view(weight.shape)  # e.g. fp16 weights, fp32 LoRA: promoted
 
     def delta_weight(self) -> torch.Tensor:
         """(out, in[, kh, kw]) fp32: a 1x1 up conv after the down conv equals one conv with kernel up @ down."""
@@ -295,9 +310,31 @@ class AdaptedForward:
                 cached = self._cast[key] = (stamp, adapter.compute_weights(x.dtype, x.device))
         return cached[1]
 
+    def _trains_merged(self, state, module) -> LoRA | None:
+        """The LoRA to train merged into the layer's weight: one adapter on every row (training does not route),
+        with gradients."""
+        if state is not None and state.row_owner is not None or len(self.adapters) != 1:
+            return None
+        adapter = next(iter(self.adapters.values()))
+        if not (isinstance(adapter, LoRA) and adapter.down.requires_grad and torch.is_grad_enabled()):
+            return None
+        return adapter if module._parameters.get("weight") is not None else None
+
     def __call__(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         state = self.router.state()  # one context lookup per layer call
         module = self._module(None if state is None else state.root)
+        trained = self._trains_merged(state, module)
+        if trained is not None:
+            # training: the layer runs once on weight + up @ down (the same function of x as base + delta)
+            params = module._parameters
+            weight = params["weight"]
+            if trained.up.device != weight.device:
+                trained.to(weight.device)  # the trained parameters themselves follow the model
+            params["weight"] = trained.merged_weight(weight)
+            try:
+                return type(module).forward(module, x, *args, **kwargs)
+            finally:
+                params["weight"] = weight
         # The class forward, not the instance attribute (which is this object once patched in).
         y = type(module).forward(module, x, *args, **kwargs)
         for adapter_id, adapter in self.adapters.items():
