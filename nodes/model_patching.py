@@ -100,11 +100,11 @@ def shared_downs(adapters: dict[str, torch.nn.Module]) -> dict[str, tuple[Shared
     to_q / to_k / to_v), so their down projections run as one while sampling."""
     out = {}
     for names in SHARED_INPUT_LAYERS:
-        parents: dict[str, list[str]] = {}
-        for path in adapters:
+        parents: dict[tuple, list[str]] = {}  # (parent, input width) -> siblings: cross-attention's query has
+        for path, adapter in adapters.items():  # another width than its key and value (the context's)
             parent, _, leaf = path.rpartition(".")
             if leaf in names:
-                parents.setdefault(parent, []).append(path)
+                parents.setdefault((parent, getattr(adapter, "weight_shape", (0, 0))[1]), []).append(path)
         for paths in parents.values():
             paths.sort(key=lambda p: names.index(p.rpartition(".")[2]))
             loras = [adapters[p] for p in paths]

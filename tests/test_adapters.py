@@ -290,3 +290,4 @@ def test_shared_down_projection_of_q_k_v():
             expected_ctx = m(context) + loras[n](context)
         assert torch.equal(out[n][:2], m(x)[:2]) and torch.allclose(out[n][2], expected[2], atol=1e-6)
         assert torch.allclose(cross[n][2], (expected if n == "to_q" else expected_ctx)[2], atol=1e-6)
+
