@@ -154,10 +154,11 @@ def _snapshot(adapter: SineAdapter, progress: TrainProgress, prior: list[float],
     """The adapter at `progress.step`, on the CPU, with its optimizer state and loss history. copy_params: a
     copy (training goes on), else the trained parameters are moved to the CPU in place."""
     names = [name for name, _ in adapter.named_parameters()]
+    losses = prior + list(progress.read_losses(strict=False))  # first: a divergence found here sets the step
     state = None if progress.optimizer_state is None else \
         {n: s for n, s in zip(names, progress.optimizer_state) if s}
     result = replace(adapter, settings={**adapter.settings, "steps": progress.step}, optimizer_state=state,
-                     losses=prior + list(progress.losses))
+                     losses=losses)
     if not copy_params:
         for p in result.parameters():
             p.data = p.data.cpu()

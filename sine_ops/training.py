@@ -141,6 +141,10 @@ class TrainProgress:
 
     @property
     def losses(self) -> list[float]:
+        return self.read_losses()
+
+    def read_losses(self, strict: bool = True) -> list[float]:
+        """The losses so far (the finite ones before a divergence); strict: raise TrainingDiverged on finding one."""
         if self.pending:
             values = torch.stack(self.pending).tolist()  # one host read for every pending step
             self.pending.clear()
@@ -149,7 +153,9 @@ class TrainProgress:
                     # the run stands at its last finite step: the fused step skipped this one and, as a diverged
                     # run goes on diverging, the ones after it
                     self.step = self.first_step + len(self.read) - 1
-                    raise TrainingDiverged(self.step + 1, self.learning_rate)
+                    if strict:
+                        raise TrainingDiverged(self.step + 1, self.learning_rate)
+                    break
                 self.read.append(value)
         return self.read
 
