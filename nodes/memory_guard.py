@@ -12,6 +12,7 @@ from __future__ import annotations
 import comfy.model_management
 
 from .errors import InputError
+from .model_patching import device_of
 
 GB = 1024 ** 3
 
@@ -24,7 +25,7 @@ def needed_bytes(model, latent_shape: tuple[int, ...], full_model: bool) -> int:
 
 
 def check_fits(model, latent_shape: tuple[int, ...], input_name: str, what: str, full_model: bool) -> None:
-    device = model.load_device if model.load_device is not None else comfy.model_management.get_torch_device()
+    device = device_of(model)
     total = comfy.model_management.get_total_memory(device)
     need = needed_bytes(model, latent_shape, full_model)
     if need > total:

@@ -97,6 +97,14 @@ def device_moves(comfy):
         yield
 
 
+@pytest.fixture
+def device_moves_lowvram(comfy):
+    """This test under the GPU-copy emulation of a --lowvram GPU: every model that is not forced full loads in part."""
+    import device_moves as emulation
+    with emulation.emulated(comfy, lowvram=True):
+        yield
+
+
 @pytest.fixture(scope="session")
 def fixtures(comfy):
     """Names of the random-weight SD1.5 checkpoint, ControlNet and images, as ComfyUI's loaders list them."""

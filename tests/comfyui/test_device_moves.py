@@ -4,8 +4,8 @@ On a GPU, ComfyUI copies every weight on each load and offload. A copy made outs
 inference Parameter holding a normal tensor, and every later view of it raises "Inference tensors do not track
 version counter" in this pack and in stock nodes alike. These tests run the orders users meet (stock nodes after
 SINE Finetune, two fine-tunes, sampling then "Unload Models" then a fine-tune, the whole flow twice) with every
-move copying, and check that each prompt succeeds, gives finite results, and trains what a run without the
-emulation trains.
+move copying, under normal VRAM and --lowvram (models loaded in part), and check that each prompt succeeds, gives
+finite results, and trains what a run without the emulation trains.
 """
 import torch
 
@@ -101,6 +101,15 @@ def test_user_flow_twice(comfy, fixtures, device_moves):
         assert torch.isfinite(comfy.node_output("first_decode", 0)).all()
 
 
+def test_lowvram_stock_nodes_and_user_flow(comfy, fixtures, device_moves_lowvram):
+    """--lowvram: the stock nodes after SINE Finetune, then the whole flow, with the sampled models loaded in part."""
+    comfy.run(stock_nodes_after(finetune(fixtures, seed=89)))
+    assert torch.isfinite(decoded(comfy)).all()
+    comfy.run(user_flow(fixtures, seed=90))
+    assert torch.isfinite(comfy.node_output("decode", 0)).all()
+    assert torch.isfinite(comfy.node_output("first_decode", 0)).all()
+
+
 def test_emulated_finetune_trains_what_a_cpu_finetune_trains(comfy, fixtures):
     """The weights the training reads under copying moves are the checkpoint's: same adapter as without them."""
     graph = finetune(fixtures, seed=88, text_encoder="lora")
@@ -128,3 +137,15 @@ def test_emulation_copies_on_every_move(comfy, fixtures, device_moves):
         mm.load_models_gpu([model])
     assert model.model.diffusion_model.out[2].weight.data_ptr() != before
     assert mm.get_torch_device() == emulation.LOAD_DEVICE
+
+
+def test_lowvram_emulation_loads_in_part(comfy, fixtures, device_moves_lowvram):
+    """The --lowvram emulation itself: sampling loads the UNet in part (else the lowvram test would prove nothing)."""
+    import comfy.model_management as mm
+    comfy.run(txt2img(fixtures["checkpoint"], "a dog", seed=1, size=SIZE, steps=1))
+    model = comfy.node_output("ckpt", 0)
+    with torch.inference_mode():
+        mm.load_models_gpu([model])  # as KSampler loads it
+    assert model.model.model_lowvram
+    assert model.loaded_size() < model.model_size() / 2
+    assert mm.vram_state == mm.VRAMState.LOW_VRAM
