@@ -68,14 +68,15 @@ def _entry(adapter, source_conditioning, weight, start_percent, end_percent, mas
                          None if mask is None else mask.detach().float().clamp(0, 1), outside_weight, mask_feather)
 
 
-def entry_weight(entry: GuidanceEntry, x: torch.Tensor) -> Weight:
-    """The entry's weight for latent `x`: its scalar weight, or with a mask a (B, 1, ...) map over the latent.
+def entry_weight(entry: GuidanceEntry, shape: tuple) -> Weight:
+    """The entry's weight for a latent of `shape`: its scalar weight, or with a mask a (B, 1, ...) map over the
+    latent, made on the CPU (where the mask is), so checking it reads nothing back from a GPU.
 
     The mask is resized to the latent as ComfyUI resizes a latent noise mask (comfy.utils.reshape_mask: bilinear
     to the latent size, batch repeated to the latent's), then feathered by mask_feather latent pixels."""
     if entry.mask is None:
         return entry.weight
-    mask = comfy.utils.reshape_mask(entry.mask.to(x.device), (x.shape[0], 1, *x.shape[2:])).clamp(0, 1)
+    mask = comfy.utils.reshape_mask(entry.mask.cpu(), (shape[0], 1, *shape[2:])).clamp(0, 1)
     return weight_map(feather_mask(mask, entry.mask_feather), entry.weight, entry.outside_weight)
 
 
@@ -124,20 +125,27 @@ class SineGuider(comfy.samplers.CFGGuider):
         self.entries = entries
         self.node_name = node_name  # errors found while sampling (per-pixel weight sums) name the node
         self._weights: dict = {}    # (latent shape, device) -> each entry's weight or weight map
+        self._windows: list | None = None  # each entry's (start_sigma, end_sigma), set once per run
 
     def entry_weights(self, x: torch.Tensor) -> list[Weight]:
-        """Every entry's weight (map) for latent x, made and checked (sum <= 1 per pixel) once per latent shape."""
+        """Every entry's weight (map) for latent x, made and checked (sum <= 1 per pixel) once per latent shape,
+        on the CPU, then moved to x's device once."""
         key = (tuple(x.shape), str(x.device))
         if key not in self._weights:
-            weights = [entry_weight(e, x) for e in self.entries]
+            weights = [entry_weight(e, tuple(x.shape)) for e in self.entries]
             try:
                 check_weight_sum(weights)
             except ValueError as e:
                 raise SineNodeError(f"{self.node_name}: inputs 'finetuned_weight' / 'outside_weight' / 'mask': {e}. "
                                     "Lower finetuned_weight or outside_weight on the entries, or use masks that do "
                                     "not overlap where the weights add up.") from None
-            self._weights[key] = weights
+            self._weights[key] = [w.to(x.device) if isinstance(w, torch.Tensor) else w for w in weights]
         return self._weights[key]
+
+    def inner_sample(self, noise, latent_image, device, sampler, sigmas, *args, **kwargs):
+        # once per run: each entry's window in this model's sigmas (percent_to_sigma is constant for a run)
+        self._windows = [window_sigmas(self.inner_model.model_sampling, e) for e in self.entries]
+        return super().inner_sample(noise, latent_image, device, sampler, sigmas, *args, **kwargs)
 
     def set_conds(self, positive, negative):
         conds = {"positive": positive, "negative": negative}
@@ -151,11 +159,14 @@ class SineGuider(comfy.samplers.CFGGuider):
 
     def predict_noise(self, x, timestep, model_options={}, seed=None):
         model = self.inner_model
-        sigma = float(timestep[0])
         weights = self.entry_weights(x)
-        active = [i for i, (e, w) in enumerate(zip(self.entries, weights))
-                  if not (isinstance(w, (int, float)) and w == 0)  # a zero weight everywhere: no forward rows
-                  and window_active(sigma, *window_sigmas(model.model_sampling, e))]
+        if self._windows is None:  # called outside inner_sample (a wrapper driving the guider itself)
+            self._windows = [window_sigmas(model.model_sampling, e) for e in self.entries]
+        guiding = [i for i, w in enumerate(weights)
+                   if not (isinstance(w, (int, float)) and w == 0)]  # a zero weight everywhere: no forward rows
+        # the step's noise level decides which rows the batch holds: read on the host, only when an entry can guide
+        sigma = float(timestep[0]) if guiding else None
+        active = [i for i in guiding if window_active(sigma, *self._windows[i])]
         cfg1 = abs(self.cfg - 1.0) < 1e-9 and not model_options.get("disable_cfg1_optimization", False)
         positive, negative = self.conds.get("positive"), self.conds.get("negative")
         uncond = None if cfg1 else negative
@@ -194,11 +205,12 @@ def build_guider(model, positive, negative, cfg: float, entries: list[GuidanceEn
     if model.model_options.get("transformer_options", {}).get(mp.FINETUNED_FLAG):
         raise InputError("model", "this is a SINE Finetune output; connect the base MODEL from your checkpoint "
                                   "loader (the fine-tuned side comes from sine_adapter).")
-    total = sum(e.weight for e in entries)
     # with masks the sum is checked per latent pixel when sampling starts (SineGuider.entry_weights)
-    if total > 1.0 + 1e-6 and all(e.mask is None for e in entries):
-        raise InputError("finetuned_weight", f"the fine-tuned weights sum to {total:.3f} > 1, which would give the "
-                                             "base model a negative weight; lower 'finetuned_weight' on the entries.")
+    if all(e.mask is None for e in entries):
+        try:
+            check_weight_sum([e.weight for e in entries])
+        except ValueError as e:
+            raise InputError("finetuned_weight", f"{e}; lower 'finetuned_weight' on the entries.") from None
     for e in entries:
         mp.check_family(e.adapter, model)
     patched = mp.patched_model(model, {i: e.adapter for i, e in enumerate(entries)}, RowRouter())

@@ -17,8 +17,8 @@ import torch
 import comfy.model_management
 import comfy.utils
 
-from ..sine_ops.adapters import AdaptedForward, FullDelta, LoRA, RowRouter, adaptable_layers, conv_spec
-from ..sine_ops.config import LAYER_SETS, TEXT_ENCODER_LORA_LAYERS
+from ..sine_ops.adapters import AdaptedForward, FullDelta, LoRA, RowRouter, SharedDown, adaptable_layers, conv_spec
+from ..sine_ops.config import LAYER_SETS, SHARED_INPUT_LAYERS, TEXT_ENCODER_LORA_LAYERS
 from ..sine_ops.positional_grid import add_grid_to_rows, grid_for_boxes, positional_grid
 from ..sine_ops.sine_adapter import SineAdapter
 from ..sine_ops.tensor_views import normal_view
@@ -95,18 +95,40 @@ def _bind(root: torch.nn.Module, path: str, adapter: torch.nn.Module, input_name
     return module
 
 
+def shared_downs(adapters: dict[str, torch.nn.Module]) -> dict[str, tuple[SharedDown, int]]:
+    """path -> (SharedDown, index) for the Linear LoRAs of sibling layers that share an input (SHARED_INPUT_LAYERS:
+    to_q / to_k / to_v), so their down projections run as one while sampling."""
+    out = {}
+    for names in SHARED_INPUT_LAYERS:
+        parents: dict[tuple, list[str]] = {}  # (parent, input width) -> siblings: cross-attention's query has
+        for path, adapter in adapters.items():  # another width than its key and value (the context's)
+            parent, _, leaf = path.rpartition(".")
+            if leaf in names:
+                parents.setdefault((parent, getattr(adapter, "weight_shape", (0, 0))[1]), []).append(path)
+        for paths in parents.values():
+            paths.sort(key=lambda p: names.index(p.rpartition(".")[2]))
+            loras = [adapters[p] for p in paths]
+            if len(loras) > 1 and all(isinstance(a, LoRA) and a.conv is None for a in loras):
+                group = SharedDown(loras)
+                out.update({p: (group, i) for i, p in enumerate(paths)})
+    return out
+
+
 def attach_adapters(patcher, groups: dict[int, dict[str, torch.nn.Module]], router: RowRouter,
                     input_name: str) -> None:
     """Patch every adapted layer's forward on `patcher` (a clone): one AdaptedForward per layer, all ids on it."""
     by_path: dict[str, dict[int, torch.nn.Module]] = {}
+    shared: dict[str, dict[int, tuple]] = {}
     for adapter_id, adapters in groups.items():
         for path, adapter in adapters.items():
             by_path.setdefault(path, {})[adapter_id] = adapter
+        for path, member in shared_downs(adapters).items():
+            shared.setdefault(path, {})[adapter_id] = member
     for path, adapters in by_path.items():
         module = None
         for adapter in adapters.values():
             module = _bind(patcher.model, path, adapter, input_name)
-        patcher.add_object_patch(f"{path}.forward", AdaptedForward(module, path, adapters, router))
+        patcher.add_object_patch(f"{path}.forward", AdaptedForward(module, path, adapters, router, shared.get(path)))
 
 
 class RoutingWrapper:
@@ -126,7 +148,7 @@ class RoutingWrapper:
         if owners is not None:
             chunks = args["cond_or_uncond"]
             per_chunk = args["input"].shape[0] // len(chunks)
-            row_owner = torch.tensor([owners[c] for c in chunks]).repeat_interleave(per_chunk)
+            row_owner = [owners[c] for c in chunks for _ in range(per_chunk)]  # host values: no device op
         # apply_model is the running BaseModel's bound method: its owner is the model whose layers must be used
         with self.router.route(row_owner, root=getattr(apply_model, "__self__", None)):
             if self.previous is not None:

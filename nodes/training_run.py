@@ -189,10 +189,11 @@ def _snapshot(adapter: SineAdapter, progress: TrainProgress, prior: list[float],
     """The adapter at `progress.step`, on the CPU, with its optimizer state and loss history. copy_params: a
     copy (training goes on), else the trained parameters are moved to the CPU in place."""
     names = [name for name, _ in adapter.named_parameters()]
+    losses = prior + list(progress.read_losses(strict=False))  # first: a divergence found here sets the step
     state = None if progress.optimizer_state is None else \
         {n: s for n, s in zip(names, progress.optimizer_state) if s}
     result = replace(adapter, settings={**adapter.settings, "steps": progress.step}, optimizer_state=state,
-                     losses=prior + list(progress.losses))
+                     losses=losses)
     if not copy_params:
         for p in result.parameters():
             p.data = p.data.cpu()
@@ -281,6 +282,15 @@ def _train_loop(s: TrainingSetup, settings: FinetuneSettings, progress: TrainPro
     transformer_options = s.model.model_options["transformer_options"]
     recon = s.adapter.patch is not None and s.adapter.patch.recon_loss
     last = {}  # the latest step's denoised prediction, for the live preview
+    frozen_inputs = {}  # latent shape -> the frozen prompt's model inputs, made and moved to the device once
+
+    def prompt_inputs(x: torch.Tensor) -> dict:
+        if s.fixed_cond is None:  # the text encoder trains: encode the prompt at every step
+            return mp.model_kwargs(s.model, _encode_trained_prompt(s), x, s.device)
+        key = (tuple(x.shape), x.dtype)
+        if key not in frozen_inputs:
+            frozen_inputs[key] = mp.model_kwargs(s.model, s.fixed_cond, x, s.device)
+        return frozen_inputs[key]
 
     def loss_at_step(step: int) -> torch.Tensor:
         generator = step_generator(settings.seed, step)  # step k draws the same whatever step the run started at
@@ -291,12 +301,10 @@ def _train_loop(s: TrainingSetup, settings: FinetuneSettings, progress: TrainPro
         if fresh_crop:
             _load(s, s.model)
         x0, mask = latent.to(s.device), None if mask is None else mask.to(s.device)
-        cond_entry = s.fixed_cond or _encode_trained_prompt(s)
         sigma, _, x = noisy_latent(ms, x0, generator)
         options = transformer_options if box is None else {**transformer_options, mp.CROP_BOXES_KEY: box}
         with torch.autocast(s.device.type, dtype=s.dtype, enabled=s.dtype is not None):
-            denoised = s.model.model.apply_model(x, sigma, transformer_options=options,
-                                                 **mp.model_kwargs(s.model, cond_entry, x, s.device))
+            denoised = s.model.model.apply_model(x, sigma, transformer_options=options, **prompt_inputs(x))
         last["denoised"] = denoised.detach()
         loss = denoising_loss(ms, sigma, denoised, x0, mask)
         if recon:
@@ -337,7 +345,7 @@ def _step_reporter(s: TrainingSetup, total: int, prior_losses: list[float], prog
     decode = previews.latent_decoder(s.model)
     clock = {"preview": None, "log": time.monotonic(), "logged_step": progress.step}
 
-    def on_step(step: int, loss: float) -> None:
+    def on_step(step: int, loss: torch.Tensor) -> None:  # loss: read back only when a line is logged
         comfy.model_management.throw_exception_if_processing_interrupted()
         now = time.monotonic()
         preview = None
@@ -349,7 +357,7 @@ def _step_reporter(s: TrainingSetup, total: int, prior_losses: list[float], prog
         if step % LOG_EVERY == 0 or step == total or now - clock["log"] >= LOG_EVERY_S:
             recent = progress.losses[-(step - clock["logged_step"]):]
             rate = (step - clock["logged_step"]) / max(now - clock["log"], 1e-9)
-            log.info(f"SINE Finetune: step {step}/{total} loss {loss:.5f} (mean of the last {len(recent)}: "
+            log.info(f"SINE Finetune: step {step}/{total} loss {recent[-1]:.5f} (mean of the last {len(recent)}: "
                      f"{sum(recent) / len(recent):.5f}), {rate:.2f} steps/s")
             clock["log"], clock["logged_step"] = now, step
 

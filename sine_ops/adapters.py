@@ -4,12 +4,11 @@ An adapter never touches the base layer: it adds an activation-space delta after
 rows of a batch that no adapter owns get exactly the base output, and the base weights stay frozen and shareable.
 """
 import contextvars
-import copy
 import functools
 import math
 import weakref
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
@@ -55,6 +54,13 @@ def _check_conv(weight_shape: tuple, conv: dict | None) -> dict | None:
     return conv
 
 
+def _autocast_on(device_type: str) -> bool:
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except TypeError:  # torch < 2.4: no device argument
+        return torch.is_autocast_enabled() if device_type == "cuda" else torch.is_autocast_cpu_enabled()
+
+
 def _apply(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, conv: dict | None) -> torch.Tensor:
     return F.linear(x, weight, bias) if conv is None else F.conv2d(x, weight, bias, **conv)
 
@@ -88,6 +94,36 @@ class LoRA(nn.Module):
         h = _apply(x, down, None, self.conv)
         return _apply(h, up, None, None if self.conv is None else {}) * self.scale
 
+    def compute_weights(self, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(down, up * scale) as add_delta takes them, in the compute dtype on `device`. With gradients they stay in
+        the graph (cast only where the dtype differs: under autocast F.linear casts down itself)."""
+        up = self.up if self.scale == 1 else self.up * self.scale  # alpha == rank (the default): no multiply
+        if self.down.requires_grad and torch.is_grad_enabled():
+            return self.down.to(device), up.to(device=device, dtype=dtype)
+        return self.down.to(device=device, dtype=dtype), up.to(device=device, dtype=dtype)
+
+    def add_delta(self, y: torch.Tensor, x: torch.Tensor, weights: tuple) -> torch.Tensor:
+        """y += up(down(x)) * scale in place, for the rows given (views of the layer's output and input): the down
+        projection and one fused multiply-add into y (baddbmm_, bit-equal on the CPU to y + h @ up)."""
+        down, up = weights
+        return self.add_up(y, _apply(x, down, None, self.conv), up)
+
+    def add_up(self, y: torch.Tensor, h: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        """y += up(h) in place, h = the down projection of the rows' input."""
+        if self.conv is None and 2 <= y.dim() <= 3:
+            y3, h3 = (y, h) if y.dim() == 3 else (y.unsqueeze(0), h.unsqueeze(0))
+            y3.baddbmm_(h3, up.flatten(1).t().expand(y3.shape[0], -1, -1))
+            return y
+        return y.add_(_apply(h, up, None, None if self.conv is None else {}))
+
+    def merged_weight(self, weight: torch.Tensor) -> torch.Tensor:
+        """weight + scale * up @ down, in the graph (training): one addmm, whose backward is the layer's weight
+        gradient times down and up, instead of a second forward path through the rank (LoraDiff-style)."""
+        up, down = self.up.flatten(1), self.down.flatten(1)
+        if weight.dtype == up.dtype or _autocast_on(weight.device.type):
+            return torch.addmm(weight.flatten(1), up, down, alpha=self.scale).view(weight.shape)
+        return weight + (up @ down).mul(self.scale).view(weight.shape)  # e.g. fp16 weights, fp32 LoRA: promoted
+
     def delta_weight(self) -> torch.Tensor:
         """(out, in[, kh, kw]) fp32: a 1x1 up conv after the down conv equals one conv with kernel up @ down."""
         return (self.up.float().flatten(1) @ self.down.float().flatten(1)).reshape(self.weight_shape) * self.scale
@@ -111,11 +147,56 @@ class FullDelta(nn.Module):
         """Activation-space delta: the layer op with (dW, db); linear in the weights, so base + delta = merged."""
         return _apply(x, self.weight.to(x), None if self.bias is None else self.bias.to(x), self.conv)
 
+    def compute_weights(self, dtype: torch.dtype, device: torch.device) -> tuple:
+        return tuple(None if p is None else p.to(device=device, dtype=dtype) for p in (self.weight, self.bias))
+
+    def add_delta(self, y: torch.Tensor, x: torch.Tensor, weights: tuple) -> torch.Tensor:
+        return y.add_(_apply(x, *weights, self.conv))
+
     def delta_weight(self) -> torch.Tensor:
         return self.weight.float()
 
     def delta_bias(self) -> torch.Tensor | None:
         return None if self.bias is None else self.bias.float()
+
+
+def _rows_of(owner: tuple, adapter_id: int):
+    """The rows of `owner` (one adapter id per row) that `adapter_id` owns: slice(None) = all, a slice when they are
+    contiguous (ComfyUI batches each cond's rows together), a list of indices otherwise, None = none."""
+    idx = [i for i, o in enumerate(owner) if o == adapter_id]
+    if not idx:
+        return None
+    if len(idx) == len(owner):
+        return slice(None)
+    if idx[-1] - idx[0] + 1 == len(idx):
+        return slice(idx[0], idx[-1] + 1)
+    return idx
+
+
+@dataclass
+class _Routing:
+    row_owner: tuple | None  # adapter id per row (-1 = base), None = every row is every adapter's
+    root: nn.Module | None
+    rows: dict = field(default_factory=dict)  # adapter id (, device) -> rows, filled by the first layer that asks
+    shared: tuple | None = None  # SharedDown's latest projection: (SharedDown, input, rows, projection)
+
+    def rows_of(self, adapter_id: int, batch: int, device=None):
+        if self.row_owner is None:
+            return slice(None)
+        if len(self.row_owner) != batch:
+            raise ValueError(f"row_owner has {len(self.row_owner)} entries but the batch has {batch} rows")
+        rows = self.rows.get(adapter_id, _UNSET)
+        if rows is _UNSET:
+            rows = self.rows[adapter_id] = _rows_of(self.row_owner, adapter_id)
+        if isinstance(rows, list):  # scattered rows (rare): an index tensor, made once per forward and device
+            key = (adapter_id, device)
+            if key not in self.rows:
+                self.rows[key] = torch.tensor(rows, device=device)
+            return self.rows[key]
+        return rows
+
+
+_UNSET = object()
 
 
 class RowRouter:
@@ -124,26 +205,22 @@ class RowRouter:
     Routing lives in a ContextVar set around each forward call, never in shared state, so forwards on several
     threads (ComfyUI's multi-GPU workers call the model wrapper from worker threads) route independently.
     Outside `route`: every adapter applies to all rows (training, or a fine-tuned model on its own).
-    `route(row_owner)`: (B,) long, -1 = base row, k = row owned by adapter id k (one batch mixing base and
-    fine-tuned rows); `root`: the model that is running, so adapted layers use that model's modules even when
-    their patch was copied onto another model (see AdaptedForward).
+    `route(row_owner)`: one adapter id per row, -1 = base row, k = row owned by adapter id k (one batch mixing
+    base and fine-tuned rows), as Python ints (a tensor is read once here); `root`: the model that is running, so
+    adapted layers use that model's modules even when their patch was copied onto another model (see
+    AdaptedForward). The rows are worked out on the host, from Python values: no device op, no host sync.
     """
 
     def __init__(self):
         self._state: contextvars.ContextVar[_Routing | None] = contextvars.ContextVar("sine_routing", default=None)
 
+    def state(self) -> _Routing | None:
+        return self._state.get()
+
     def rows(self, adapter_id: int, batch: int, device=None) -> slice | torch.Tensor | None:
-        """slice(None) = all rows, a LongTensor of row indices, or None = no rows (skip the adapter)."""
+        """slice(None) = all rows, a slice of contiguous rows, a LongTensor of scattered rows, or None = no rows."""
         state = self._state.get()
-        if state is None or state.row_owner is None:
-            return slice(None)
-        if state.row_owner.shape[0] != batch:
-            raise ValueError(f"row_owner has {state.row_owner.shape[0]} entries but the batch has {batch} rows")
-        key = (adapter_id, str(device))
-        if key not in state.cache:  # every adapted layer asks the same question once per forward
-            idx = (state.row_owner == adapter_id).nonzero().flatten()
-            state.cache[key] = None if idx.numel() == 0 else slice(None) if idx.numel() == batch else idx.to(device)
-        return state.cache[key]
+        return slice(None) if state is None else state.rows_of(adapter_id, batch, device)
 
     def running_root(self) -> nn.Module | None:
         state = self._state.get()
@@ -152,36 +229,68 @@ class RowRouter:
     @contextmanager
     def route(self, row_owner, root: nn.Module | None = None):
         """Set row ownership (None = all rows) for the enclosed forward(s) of this thread; always restored."""
-        owner = None if row_owner is None else torch.as_tensor(row_owner, dtype=torch.long).flatten().cpu()
-        token = self._state.set(_Routing(owner, root, {}))
+        if torch.is_tensor(row_owner):
+            row_owner = row_owner.flatten().tolist()
+        owner = None if row_owner is None else tuple(int(o) for o in row_owner)
+        token = self._state.set(_Routing(owner, root))
         try:
             yield self
         finally:
             self._state.reset(token)
 
 
-@dataclass
-class _Routing:
-    row_owner: torch.Tensor | None
-    root: nn.Module | None
-    cache: dict  # (adapter id, device) -> rows, filled by the first layer that asks
+class SharedDown:
+    """The LoRA down projections of sibling layers that attention runs on one input (to_q / to_k / to_v), computed
+    as one projection while sampling: one kernel instead of one per layer. The concatenated, cast weights are
+    cached like AdaptedForward's; the projection of the latest input is kept in the forward's routing state (one
+    slot, so per thread, and released with the forward), and a sibling called on another tensor (cross-attention's
+    key and value on the context) projects that tensor itself."""
+
+    def __init__(self, loras: list[LoRA]):
+        self.loras = loras
+        bounds = [0]
+        for lora in loras:
+            bounds.append(bounds[-1] + lora.rank)
+        self.bounds = bounds
+        self._cast: dict = {}  # (device, dtype) -> (stamp, concatenated down)
+
+    def down(self, x: torch.Tensor) -> torch.Tensor:
+        key = (x.device, x.dtype)
+        stamp = tuple((lora.down.data_ptr(), lora.down._version) for lora in self.loras)
+        cached = self._cast.get(key)
+        if cached is None or cached[0] != stamp:
+            with torch.no_grad():
+                cached = self._cast[key] = (stamp, torch.cat([lora.down for lora in self.loras]).to(x))
+        return cached[1]
+
+    def project(self, state: "_Routing", member: int, x: torch.Tensor, rows: slice) -> torch.Tensor:
+        """The down projection of layer `member` on its rows of x (a column slice of the shared projection)."""
+        slot = state.shared
+        if slot is None or slot[0] is not self or slot[1] is not x or slot[2] != rows:
+            h = F.linear(x[rows], self.down(x))
+            slot = state.shared = (self, x, rows, h)
+        return slot[3][..., self.bounds[member]:self.bounds[member + 1]]
 
 
 class AdaptedForward:
-    """Replacement for `module.forward`: the class forward (the base output) plus each routed adapter's delta.
+    """Replacement for `module.forward`: the class forward (the base output) plus each routed adapter's delta,
+    added in place into the adapter's rows of that output (the other rows keep the base output bit for bit).
 
     `path` locates the layer from the model root it was made for. When the router names another running root
     (the patch was copied onto a patcher over another model instance: ComfyUI's non-dynamic delegates, multi-GPU
     clones), the layer is looked up there, so the base output always comes from the model that runs.
+    Frozen adapters (sampling) are cast to the compute dtype and device once, and again only when their weights
+    change (a new tensor or an in-place update: its version counter); trained ones run on their parameters.
     """
 
-    def __init__(self, module: nn.Module, path: str, adapters: dict[int, nn.Module], router: RowRouter):
+    def __init__(self, module: nn.Module, path: str, adapters: dict[int, nn.Module], router: RowRouter,
+                 shared: dict[int, tuple[SharedDown, int]] | None = None):
         self.module, self.path, self.adapters, self.router = module, path, dict(adapters), router
+        self.shared = shared or {}  # adapter id -> (SharedDown, this layer's index in it), for frozen LoRAs
         self._modules_by_root: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-        self._adapters_by_device: dict = {}  # frozen per-device copies (a model copy on a second GPU)
+        self._cast: dict = {}  # (adapter id, device, dtype) -> (weights stamp, cast weights)
 
-    def _module(self) -> nn.Module:
-        root = self.router.running_root()
+    def _module(self, root: nn.Module | None) -> nn.Module:
         if root is None:
             return self.module
         module = self._modules_by_root.get(root)
@@ -189,31 +298,60 @@ class AdaptedForward:
             module = self._modules_by_root[root] = functools.reduce(getattr, self.path.split("."), root)
         return module
 
-    def _adapter_on(self, adapter_id: int, adapter: nn.Module, device: torch.device) -> nn.Module:
-        if next(adapter.parameters()).device == device:
-            return adapter
-        if any(p.requires_grad for p in adapter.parameters()):
-            adapter.to(device)  # training: the trained parameters themselves follow the model
-            return adapter
-        key = (adapter_id, str(device))
-        if key not in self._adapters_by_device:  # sampling: one frozen copy per device, never moved back and forth
-            self._adapters_by_device[key] = copy.deepcopy(adapter).to(device)
-        return self._adapters_by_device[key]
+    def _weights(self, adapter_id: int, adapter: nn.Module, x: torch.Tensor) -> tuple:
+        params = adapter._parameters.values()
+        if torch.is_grad_enabled() and any(p is not None and p.requires_grad for p in params):
+            return adapter.compute_weights(x.dtype, x.device)  # training: in the graph, every call
+        key = (adapter_id, x.device, x.dtype)
+        stamp = tuple((p.data_ptr(), p._version) for p in params if p is not None)
+        cached = self._cast.get(key)
+        if cached is None or cached[0] != stamp:
+            with torch.no_grad():
+                cached = self._cast[key] = (stamp, adapter.compute_weights(x.dtype, x.device))
+        return cached[1]
+
+    def _trains_merged(self, state, module) -> LoRA | None:
+        """The LoRA to train merged into the layer's weight: one adapter on every row (training does not route),
+        with gradients."""
+        if state is not None and state.row_owner is not None or len(self.adapters) != 1:
+            return None
+        adapter = next(iter(self.adapters.values()))
+        if not (isinstance(adapter, LoRA) and adapter.down.requires_grad and torch.is_grad_enabled()):
+            return None
+        return adapter if module._parameters.get("weight") is not None else None
 
     def __call__(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        module = self._module()
+        state = self.router.state()  # one context lookup per layer call
+        module = self._module(None if state is None else state.root)
+        trained = self._trains_merged(state, module)
+        if trained is not None:
+            # training: the layer runs once on weight + up @ down (the same function of x as base + delta)
+            params = module._parameters
+            weight = params["weight"]
+            if trained.up.device != weight.device:
+                trained.to(weight.device)  # the trained parameters themselves follow the model
+            params["weight"] = trained.merged_weight(weight)
+            try:
+                return type(module).forward(module, x, *args, **kwargs)
+            finally:
+                params["weight"] = weight
         # The class forward, not the instance attribute (which is this object once patched in).
         y = type(module).forward(module, x, *args, **kwargs)
         for adapter_id, adapter in self.adapters.items():
-            rows = self.router.rows(adapter_id, x.shape[0], x.device)
+            rows = slice(None) if state is None else state.rows_of(adapter_id, x.shape[0], x.device)
             if rows is None:
                 continue
-            adapter = self._adapter_on(adapter_id, adapter, x.device)
-            if isinstance(rows, slice):
-                y = y + adapter(x).to(y.dtype)
+            weights = self._weights(adapter_id, adapter, x)
+            shared = self.shared.get(adapter_id) if state is not None and isinstance(rows, slice) else None
+            if shared is not None and not (torch.is_grad_enabled() and adapter.down.requires_grad):
+                h = shared[0].project(state, shared[1], x, rows)
+                adapter.add_up(y[rows], h, weights[1])  # in place into the rows' view of y
+            elif isinstance(rows, slice):
+                whole = rows.start is None and rows.stop is None
+                adapter.add_delta(y if whole else y[rows], x if whole else x[rows], weights)  # in place into y
             else:
-                # Out-of-place so autograd works; unowned rows keep the base output bit-for-bit.
-                y = y.index_add(0, rows, adapter(x[rows]).to(y.dtype))
+                # scattered rows: out of place on a gathered copy, so autograd works and other rows stay exact
+                y = y.index_add(0, rows, adapter.add_delta(torch.zeros_like(y[rows]), x[rows], weights))
         return y
 
 

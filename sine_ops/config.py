@@ -111,6 +111,9 @@ LAYER_SETS = {
     "attention+ff": _ATTENTION + ("ff.net.0.proj", "ff.net.2", "proj_in", "proj_out"),
     "all": None,
 }
+# Sibling layers that attention calls one after another, the key and value usually on the query's input (self-
+# attention) or on one context tensor: while sampling, their LoRA down projections on the same input run as one.
+SHARED_INPUT_LAYERS = (("to_q", "to_k", "to_v"), ("q_proj", "k_proj", "v_proj"))
 TEXT_ENCODER_LORA_LAYERS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj",
                             "mlp.fc1", "mlp.fc2")
 

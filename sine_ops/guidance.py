@@ -18,21 +18,16 @@ def mix_conditional(cond_edit: torch.Tensor, cond_finetuned: Sequence[torch.Tens
     """(1-B)*cond_edit + sum_i w_i*cond_ft_i, B = sum_i w_i (SINE DDIMMultiSampler), over the fine-tuned models
     that guide this step (the caller leaves out the ones outside their window).
 
-    w_i weights the FINE-TUNED model i (one model: w = 1 - v, v = the paper's pretrained weight).
+    w_i weights the FINE-TUNED model i (one model: w = 1 - v, v = the paper's pretrained weight). The weights are
+    checked once, where they enter (each in [0, 1]: the guider node's inputs; their sum: check_weight_sum when the
+    guider is built and when sampling starts), never here at every step.
     """
     if len(cond_finetuned) != len(weights):
         raise ValueError(f"got {len(cond_finetuned)} fine-tuned outputs and {len(weights)} weights; they must match")
-    for w in weights:
-        if not 0 <= w <= 1:
-            raise ValueError(f"fine-tuned model weights must be in [0, 1], got {w}")
     terms = [(w, c) for c, w in zip(cond_finetuned, weights) if w > 0]
-    total = sum(w for w, _ in terms)
-    if total > 1 + _EPS:
-        raise ValueError(f"active fine-tuned weights sum to {total:g} > 1, which would give the pretrained "
-                         "conditional a negative weight")
     if not terms:
         return cond_edit  # exact identity: plain CFG outside the window
-    out = (1 - total) * cond_edit
+    out = (1 - sum(w for w, _ in terms)) * cond_edit
     for w, c in terms:
         out = out + w * c
     return out
@@ -78,10 +73,8 @@ def weight_map(mask: torch.Tensor, inside: float, outside: float) -> Weight:
     """w(x) = mask(x) * inside + (1 - mask(x)) * outside, mask in [0, 1].
 
     A constant mask gives a python float (c * inside + (1 - c) * outside, so exactly `inside` for an all-ones mask
-    and `outside` for an all-zeros one): the mix then is the scalar one, bit for bit."""
-    for name, w in (("inside", inside), ("outside", outside)):
-        if not 0 <= w <= 1:
-            raise ValueError(f"the {name} weight must be in [0, 1], got {w}")
+    and `outside` for an all-zeros one): the mix then is the scalar one, bit for bit. inside and outside are in
+    [0, 1], checked where they enter (the guider node's inputs)."""
     c = _constant_value(mask)
     if c is not None:
         return c * inside + (1 - c) * outside
@@ -98,8 +91,9 @@ def check_weight_sum(weights: Sequence[Weight]) -> None:
     """ValueError when the weights sum to more than 1 at any pixel (the base model's weight would be negative)."""
     worst = max_weight_sum(weights)
     if worst > 1 + _EPS:
-        raise ValueError(f"the fine-tuned weights sum to {worst:.3f} > 1 at some latent pixels, which would give "
-                         "the pretrained conditional a negative weight there")
+        where = " at some latent pixels" if any(isinstance(w, torch.Tensor) for w in weights) else ""
+        raise ValueError(f"the fine-tuned weights sum to {worst:.3f} > 1{where}, which would give the pretrained "
+                         f"conditional a negative weight{' there' if where else ''}")
 
 
 def mix_conditional_maps(cond_edit: torch.Tensor, cond_finetuned: Sequence[torch.Tensor],

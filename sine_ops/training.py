@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import weakref
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Protocol
 
@@ -93,10 +94,24 @@ def step_generator(seed: int, step: int) -> torch.Generator:
     return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
 
 
+_HOST_SIGMAS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # schedule sigmas -> their CPU copy
+
+
+def _host_sigmas(schedule: Schedule) -> torch.Tensor:
+    """The schedule's sigmas on the CPU, copied from the device once (not at every step)."""
+    sigmas = schedule.sigmas
+    if sigmas.device.type == "cpu":
+        return sigmas.detach()
+    host = _HOST_SIGMAS.get(sigmas)
+    if host is None or host[0] != sigmas._version:
+        host = _HOST_SIGMAS[sigmas] = (sigmas._version, sigmas.detach().cpu())
+    return host[1]
+
+
 def sample_timesteps(schedule: Schedule, batch: int, generator: torch.Generator) -> torch.Tensor:
-    """t ~ U{0..T-1} as LatentDiffusion.p_losses, returned as the schedule's σ(t)."""
+    """t ~ U{0..T-1} as LatentDiffusion.p_losses, returned as the schedule's σ(t) (on the CPU)."""
     t = torch.randint(0, len(schedule.sigmas), (batch,), generator=generator)
-    return schedule.sigmas.detach().cpu()[t]
+    return _host_sigmas(schedule)[t]
 
 
 def noisy_latent(schedule: Schedule, x0: torch.Tensor, generator: torch.Generator):
@@ -112,10 +127,37 @@ OptimizerState = list  # per trainable parameter, in order: {"step", "exp_avg", 
 @dataclass
 class TrainProgress:
     """Where a run stands, kept up to date by `train` (also when it stops early), so a stopped run can be saved
-    and continued: the parameters are at `step` and `optimizer_state` is AdamW's state at that step."""
+    and continued: the parameters are at `step` and `optimizer_state` is AdamW's state at that step.
+
+    The losses of the latest steps wait on the device (`pending`) until something reads `losses` (a log line, a
+    preview, the end of the run): one read for all of them instead of a host sync at every step. A non-finite
+    loss found then raises TrainingDiverged naming its step."""
     step: int = 0                                        # steps completed in total, earlier runs included
-    losses: list[float] = field(default_factory=list)    # the loss of each step run by this call
     optimizer_state: OptimizerState | None = None        # filled when train returns or stops
+    read: list[float] = field(default_factory=list)      # the loss of each step run by this call, read so far
+    pending: list[torch.Tensor] = field(default_factory=list)  # later steps' losses, not read yet (0-d tensors)
+    first_step: int = 0                                  # the step (1-based) of read[0]
+    learning_rate: float = 0.0                           # named in TrainingDiverged's hint
+
+    @property
+    def losses(self) -> list[float]:
+        return self.read_losses()
+
+    def read_losses(self, strict: bool = True) -> list[float]:
+        """The losses so far (the finite ones before a divergence); strict: raise TrainingDiverged on finding one."""
+        if self.pending:
+            values = torch.stack(self.pending).tolist()  # one host read for every pending step
+            self.pending.clear()
+            for value in values:
+                if not math.isfinite(value):
+                    # the run stands at its last finite step: the fused step skipped this one and, as a diverged
+                    # run goes on diverging, the ones after it
+                    self.step = self.first_step + len(self.read) - 1
+                    if strict:
+                        raise TrainingDiverged(self.step + 1, self.learning_rate)
+                    break
+                self.read.append(value)
+        return self.read
 
 
 def optimizer_snapshot(optimizer: torch.optim.Optimizer, params: list[torch.nn.Parameter]) -> OptimizerState:
@@ -131,45 +173,77 @@ def _load_optimizer_state(optimizer: torch.optim.Optimizer, state: OptimizerStat
                                "param_groups": sd["param_groups"]})
 
 
+def adamw(params: list[torch.nn.Parameter], config: OptimConfig) -> torch.optim.AdamW:
+    """AdamW as one fused kernel where the parameters' device has it (CUDA; the CPU in recent torch), else the
+    multi-tensor (foreach) form: a few launches per step instead of ~10 per parameter."""
+    kind = {"fused": True} if _fused_supported(params) else {"foreach": True}
+    return torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay, **kind)
+
+
+def _fused_supported(params: list[torch.Tensor]) -> bool:
+    """Whether torch has the fused AdamW kernel for every parameter's device and dtype (torch checks this only at
+    the first step, so it is asked here; one device for all, as the fused step needs)."""
+    try:
+        from torch.optim.optimizer import _device_dtype_check_for_fused  # torch >= 2.4
+        for p in params:
+            _device_dtype_check_for_fused(p)
+    except (ImportError, RuntimeError):
+        return False
+    return len({p.device for p in params}) <= 1
+
+
+def _is_fused(optimizer: torch.optim.Optimizer) -> bool:
+    return bool(optimizer.param_groups[0].get("fused"))
+
+
 def train(params: Iterable[torch.nn.Parameter], loss_at_step: Callable[[int], torch.Tensor], config: OptimConfig,
-          on_step: Callable[[int, float], None] = lambda step, loss: None, *, start_step: int = 0,
+          on_step: Callable[[int, torch.Tensor], None] = lambda step, loss: None, *, start_step: int = 0,
           optimizer_state: OptimizerState | None = None, progress: TrainProgress | None = None,
           on_checkpoint: Callable[[TrainProgress], None] = lambda progress: None):
     """Run AdamW from step `start_step` to `config.steps` (a total); `loss_at_step(i)` builds step i's loss.
     Returns the loss of each step run here.
 
     `optimizer_state` (from an earlier run's TrainProgress) continues that run's AdamW moments. `on_step(i, loss)`
-    runs after each step (progress, cancel: it may raise to stop); `on_checkpoint(progress)` every
-    `config.checkpoint_every` steps, with the optimizer state filled in. `progress` is kept up to date. The
-    optimizer's state is freed before returning, also when stopped.
+    runs after each step with the loss as a 0-d tensor (progress, cancel: it may raise to stop; reading
+    `progress.losses` reads the losses back); `on_checkpoint(progress)` every `config.checkpoint_every` steps, with
+    the optimizer state filled in. `progress` is kept up to date. The optimizer's state is freed before
+    returning, also when stopped.
+
+    No host sync per step: with the fused AdamW a step whose loss is not finite is skipped on the device (its
+    update and its step count, as torch's GradScaler skips a step), and TrainingDiverged is raised when the losses
+    are read (at the latest when the run ends). Without it the loss is read before each backward, as before.
     """
     params = [p for p in params if p.requires_grad]
     progress = progress if progress is not None else TrainProgress()
-    progress.step = start_step
-    optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
+    progress.step, progress.first_step, progress.learning_rate = start_step, start_step + 1, config.learning_rate
+    optimizer = adamw(params, config)
+    fused = _is_fused(optimizer)
     if optimizer_state is not None:
         _load_optimizer_state(optimizer, optimizer_state, len(params))
     try:
         for step in range(start_step, config.steps):
             loss = loss_at_step(step)
-            value = float(loss.detach())
-            if not math.isfinite(value):
+            value = loss.detach().float()
+            if fused:
+                optimizer.found_inf = (~torch.isfinite(value)).float()  # the fused kernel skips the update if 1
+            elif not math.isfinite(float(value)):
                 raise TrainingDiverged(step + 1, config.learning_rate)
             loss.backward()
             if config.clip_grad_norm:
-                torch.nn.utils.clip_grad_norm_(params, config.clip_grad_norm)
+                torch.nn.utils.clip_grad_norm_(params, config.clip_grad_norm, foreach=True)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            progress.losses.append(value)
+            progress.pending.append(value)
             progress.step = step + 1
             if config.checkpoint_every and progress.step % config.checkpoint_every == 0 and progress.step < config.steps:
+                progress.losses  # noqa: B018 - a checkpoint is only kept for a finite run: raises if it diverged
                 progress.optimizer_state = optimizer_snapshot(optimizer, params)
                 on_checkpoint(progress)
             on_step(step + 1, value)
+        return progress.losses
     finally:
         optimizer.zero_grad(set_to_none=True)
         # the parameters are at progress.step (an interrupted step never reached optimizer.step)
         progress.optimizer_state = optimizer_snapshot(optimizer, params)
         optimizer.state.clear()
         del optimizer
-    return progress.losses

@@ -209,3 +209,85 @@ def test_adapted_layer_runs_the_module_of_the_model_that_runs():
         assert torch.equal(fwd(x), model_a[0](x) + adapter(x))          # no running root: its own layer
         with router.route(None, root=model_b):
             assert torch.equal(fwd(x), model_b[0](x) + adapter(x))      # the running model's layer
+
+
+def test_routed_lora_costs_two_ops_and_no_host_sync():
+    """Issue 19: a routed LoRA adds the down projection and one fused multiply-add into its rows of the output (no
+    gather, cast, scale or index_add), and nothing for a batch without its rows; no host sync either way."""
+    from op_counter import OpCounter
+    layer, x = make_layer("linear")
+    adapter = make_adapter("linear", layer, "lora", seed=4)
+    router = RowRouter()
+    fwd = AdaptedForward(layer, "layer", {0: adapter}, router)
+    with torch.no_grad():
+        expected = layer(x) + adapter(x)
+        with router.route([-1, -1, 0, 0]):
+            fwd(x)  # the first call casts the weights once
+            with OpCounter() as routed:
+                y = fwd(x)
+        with router.route([-1, -1, -1, -1]), OpCounter() as base_only:
+            fwd(x)
+    assert routed.ops == 3 and base_only.ops == 1  # the base linear + 2
+    assert sum(routed.syncs.values()) == 0 and sum(base_only.syncs.values()) == 0
+    assert torch.equal(y[:2], layer(x)[:2]) and torch.allclose(y[2:], expected[2:], atol=1e-6)
+
+
+def test_cached_cast_follows_weight_updates():
+    """The per-device/dtype cast of a frozen adapter is made again when its weights change in place or are
+    replaced (a trained or loaded adapter reused by a guider), without reading anything back."""
+    layer, x = make_layer("linear")
+    adapter = make_adapter("linear", layer, "lora", seed=6)
+    fwd = AdaptedForward(layer, "layer", {0: adapter}, RowRouter())
+    with torch.no_grad():
+        first = fwd(x)
+        adapter.up.mul_(2)
+        assert torch.allclose(fwd(x), layer(x) + adapter(x), atol=1e-6) and not torch.allclose(fwd(x), first)
+        adapter.down.data = adapter.down.data * 0
+        assert torch.equal(fwd(x), layer(x))
+
+
+def test_adapter_forward_has_no_graph_breaks():
+    """Issue 19 (beyond eager): torch.compile sees the adapted layer's forward, routing included, as one graph."""
+    dynamo = pytest.importorskip("torch._dynamo")
+    layer, x = make_layer("linear")
+    adapter = make_adapter("linear", layer, "lora", seed=8)
+    router = RowRouter()
+    fwd = AdaptedForward(layer, "layer", {0: adapter}, router)
+    with torch.no_grad(), router.route([-1, 0, 0, -1]):
+        frozen = dynamo.explain(fwd)(x)
+    adapter.requires_grad_(True)
+    trained = dynamo.explain(fwd)(x)  # training: every row, gradients through the adapter
+    dynamo.reset()
+    assert frozen.graph_break_count == 0, frozen.break_reasons
+    assert trained.graph_break_count == 0, trained.break_reasons
+
+
+def test_shared_down_projection_of_q_k_v():
+    """While sampling, to_q / to_k / to_v LoRAs on one input run their down projections as one (SharedDown); on a
+    different input (cross-attention's context) a sibling projects that input itself. Same outputs as apart."""
+    from op_counter import OpCounter
+    from sine_ops.adapters import SharedDown
+    torch.manual_seed(0)
+    layers = {n: nn.Linear(6, 6) for n in ("to_q", "to_k", "to_v")}
+    loras = {n: make_adapter("linear", m, "lora", seed=i) for i, (n, m) in enumerate(layers.items())}
+    group = SharedDown([loras[n] for n in layers])
+    router = RowRouter()
+    fwd = {n: AdaptedForward(m, n, {0: loras[n]}, router, {0: (group, i)}) for i, (n, m) in enumerate(layers.items())}
+    x, context = torch.randn(3, 4, 6), torch.randn(3, 5, 6)
+    with torch.no_grad(), router.route([-1, -1, 0]):
+        [fwd[n](x) for n in layers]  # casts once (a forward of its own: the projection is kept per forward)
+    with torch.no_grad(), router.route([-1, -1, 0]):
+        with OpCounter() as self_attn:
+            out = {n: fwd[n](x) for n in layers}
+    with torch.no_grad(), router.route([-1, -1, 0]):
+        with OpCounter() as cross_attn:
+            cross = {"to_q": fwd["to_q"](x), "to_k": fwd["to_k"](context), "to_v": fwd["to_v"](context)}
+    assert self_attn.ops == 3 + 1 + 3   # 3 base linears, one shared down projection, 3 fused adds
+    assert cross_attn.ops == 3 + 2 + 3  # the context is projected once more, for the key and value
+    for n, m in layers.items():
+        with torch.no_grad():
+            expected = m(x) + loras[n](x)
+            expected_ctx = m(context) + loras[n](context)
+        assert torch.equal(out[n][:2], m(x)[:2]) and torch.allclose(out[n][2], expected[2], atol=1e-6)
+        assert torch.allclose(cross[n][2], (expected if n == "to_q" else expected_ctx)[2], atol=1e-6)
+

@@ -104,3 +104,36 @@ def test_adapter_file_round_trip_and_damage_detection():
     sd["diffusion_model.a.b.lora_up.weight"][0, 0] += 1
     with pytest.raises(AdapterFileError, match="damaged"):
         from_state_dict(sd, meta)
+
+
+def test_losses_are_read_back_only_when_asked_and_a_non_finite_step_is_skipped():
+    """Issue 19: no host read per step (the losses wait on the device until read); with the fused AdamW a
+    non-finite step changes nothing (skipped on the device) and the read names its step."""
+    from sine_ops.training import TrainProgress
+    from op_counter import OpCounter
+    p = nn.Parameter(torch.ones(3))
+    reads = []
+
+    def on_step(step, loss):
+        reads.append(torch.is_tensor(loss))
+
+    progress = TrainProgress()
+    with OpCounter() as c:
+        train([p], lambda i: (p * 2).sum(), OptimConfig(steps=4, learning_rate=1e-2, clip_grad_norm=1.0), on_step,
+              progress=progress)
+    losses = progress.losses
+    assert reads == [True] * 4 and len(losses) == 4 and losses[0] == 6.0  # on_step gets the loss as a tensor
+    assert all(a > b for a, b in zip(losses, losses[1:]))
+    assert c.syncs["item"] <= 1  # the one read at the end of the run (all four losses at once)
+    q = nn.Parameter(torch.ones(2))
+    progress = TrainProgress()
+    before = None
+    with pytest.raises(TrainingDiverged, match="step 2"):
+        def loss(i):
+            nonlocal before
+            if i == 1:
+                before = q.detach().clone()
+                return q.sum() * float("nan")
+            return q.sum()
+        train([q], loss, OptimConfig(steps=2, learning_rate=1e-2, clip_grad_norm=0.0), progress=progress)
+    assert torch.equal(q.detach(), before) and progress.step == 1  # the NaN step was skipped
