@@ -160,7 +160,7 @@ def chunk_rows(model, latent_shape: tuple, rows_per_step: int, n_rows: int, requ
     free memory; comfy/samplers.py @ a125cd84), counting the model's weights as used when it is not loaded yet."""
     device = model.load_device
     free = comfy.model_management.get_free_memory(device)
-    if not any(m.model.model is model.model for m in comfy.model_management.current_loaded_models):
+    if not any(getattr(m.model, "model", None) is model.model for m in comfy.model_management.current_loaded_models):
         free -= model.model_size()
     _, *rest = latent_shape
 
