@@ -8,9 +8,10 @@ from .finetune import SineFinetune
 from .guidance import SineAddFinetuned, SineGuidedSampler, SineGuiderNode
 from .lora_import import SineLoraAsAdapter
 from .patch import PatchResolutionConfig
+from .sweep import SineSweep
 
 NODES = [SineFinetune, SineGuiderNode, SineGuidedSampler, SineAddFinetuned, PatchResolutionConfig,
-         SaveSineAdapter, LoadSineAdapter, SineApplyAdapter, SineLoraAsAdapter]
+         SaveSineAdapter, LoadSineAdapter, SineApplyAdapter, SineLoraAsAdapter, SineSweep]
 
 
 class SineExtension(ComfyExtension):

@@ -21,9 +21,9 @@ import latent_preview
 from comfy_api.latest import io
 
 from ..sine_ops.adapters import RowRouter
-from ..sine_ops.guidance import Weight, check_weight_sum, feather_mask, mix_conditional_maps, weight_map, \
-    window_active
+from ..sine_ops.guidance import Weight, check_weight_sum, mix_conditional_maps, window_active
 from ..sine_ops.sine_adapter import SineAdapter
+from . import guided_prediction
 from . import memory_guard
 from . import model_patching as mp
 from .errors import InputError, SineNodeError, node_errors
@@ -68,16 +68,7 @@ def _entry(adapter, source_conditioning, weight, start_percent, end_percent, mas
                          None if mask is None else mask.detach().float().clamp(0, 1), outside_weight, mask_feather)
 
 
-def entry_weight(entry: GuidanceEntry, shape: tuple) -> Weight:
-    """The entry's weight for a latent of `shape`: its scalar weight, or with a mask a (B, 1, ...) map over the
-    latent, made on the CPU (where the mask is), so checking it reads nothing back from a GPU.
-
-    The mask is resized to the latent as ComfyUI resizes a latent noise mask (comfy.utils.reshape_mask: bilinear
-    to the latent size, batch repeated to the latent's), then feathered by mask_feather latent pixels."""
-    if entry.mask is None:
-        return entry.weight
-    mask = comfy.utils.reshape_mask(entry.mask.cpu(), (shape[0], 1, *shape[2:])).clamp(0, 1)
-    return weight_map(feather_mask(mask, entry.mask_feather), entry.weight, entry.outside_weight)
+entry_weight = guided_prediction.entry_weight  # shared with SINE Sweep
 
 
 _WEIGHT_TOOLTIP = ("Weight of the FINE-TUNED model's prediction (its source prompt) in the conditional mix during the "
@@ -167,37 +158,15 @@ class SineGuider(comfy.samplers.CFGGuider):
         # the step's noise level decides which rows the batch holds: read on the host, only when an entry can guide
         sigma = float(timestep[0]) if guiding else None
         active = [i for i in guiding if window_active(sigma, *self._windows[i])]
-        cfg1 = abs(self.cfg - 1.0) < 1e-9 and not model_options.get("disable_cfg1_optimization", False)
-        positive, negative = self.conds.get("positive"), self.conds.get("negative")
-        uncond = None if cfg1 else negative
-        conds = [positive, uncond] + [self.conds[f"sine_source_{i}"] for i in active]
-        model_options = _with_cond_owner(model_options, [-1, -1] + active)
-        if "sampler_calc_cond_batch_function" in model_options:
-            out = model_options["sampler_calc_cond_batch_function"](
-                {"conds": conds, "input": x, "sigma": timestep, "model": model, "model_options": model_options})
-        else:
-            out = comfy.samplers.calc_cond_batch(model, conds, x, timestep, model_options)
-        cond_pred = mix_conditional_maps(out[0], [out[2 + k] for k in range(len(active))],
-                                         [weights[i] for i in active])
-        out = [cond_pred, out[1]]
-        for fn in model_options.get("sampler_pre_cfg_function", []):
-            out = fn({"conds": [positive, uncond], "conds_out": out, "cond_scale": self.cfg, "timestep": timestep,
-                      "input": x, "sigma": timestep, "model": model, "model_options": model_options})
-        return comfy.samplers.cfg_function(model, out[0], out[1], self.cfg, x, timestep, model_options=model_options,
-                                           cond=positive, uncond=uncond)
+        return guided_prediction.predict_mixed(
+            self, x, timestep, model_options, active,
+            lambda edit, finetuned: mix_conditional_maps(edit, finetuned, [weights[i] for i in active]))
 
 
 def window_sigmas(model_sampling, entry: GuidanceEntry) -> tuple[float, float]:
     """(start_sigma, end_sigma) of an entry's window under this model's sampling, as ComfyUI's own timestep ranges
     (ControlNet, hooks) turn percents into sigmas."""
-    return (float(model_sampling.percent_to_sigma(entry.start_percent)),
-            float(model_sampling.percent_to_sigma(entry.end_percent)))
-
-
-def _with_cond_owner(model_options: dict, owner: list[int]) -> dict:
-    """model_options for this step only, whose transformer_options say which adapter owns each cond index."""
-    return {**model_options, "transformer_options": {**model_options.get("transformer_options", {}),
-                                                     mp.COND_OWNER_KEY: owner}}
+    return guided_prediction.window_sigmas(model_sampling, entry.start_percent, entry.end_percent)
 
 
 def build_guider(model, positive, negative, cfg: float, entries: list[GuidanceEntry],

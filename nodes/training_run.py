@@ -155,6 +155,10 @@ def _continue_from(adapter: SineAdapter, start: SineAdapter | None):
     return trained, [_checked_optimizer_state(name, p, state.get(name, {})) for name, p in ours.items()]
 
 
+def _layout_text(settings: dict) -> str:
+    return ", ".join(f"{k}={settings.get(k)}" for k in ("method", "lora_rank", "layers", "text_encoder"))
+
+
 def _differing_settings(start: SineAdapter, adapter: SineAdapter) -> list[str]:
     """'<setting> <as trained> (this run: <now>)' for each meaning-changing setting that differs; settings the
     file does not record are not compared."""

@@ -325,15 +325,53 @@ def wf_lora_as_finetuned() -> Workflow:
                     {"lora": [source.title], "sampling": [prompts.title, sampling.title]})
 
 
+def wf_sweep() -> Workflow:
+    nodes = [*_load(), _finetune(), N("loss", "PreviewImage", {"images": ("finetune", 4)}, 2, "Loss curve"),
+             *_prompts(3),
+             N("guider", "SINE_Guider", {
+                 "model": ("ckpt", 0), "positive": ("pos", 0), "negative": ("neg", 0), "cfg": 7.5,
+                 "sine_adapter": ("finetune", 3), "source_conditioning": ("finetune", 2), "finetuned_weight": 0.3,
+                 "start_percent": 0.0, "end_percent": 0.6}, 4, "SINE Guider (shared settings)"),
+             N("sweep", "SINE_Sweep", {
+                 "guider": ("guider", 0), "seed": 0, "steps": 50, "sampler_name": "ddim",
+                 "scheduler": "ddim_uniform", "latent_image": ("latent", 0), "denoise": 1.0,
+                 "finetuned_weights": "0.2, 0.3, 0.4, 0.5", "end_percents": "0.5, 0.6, 0.7", "vae": ("ckpt", 2)},
+               5, "SINE Sweep (4 weights x 3 window ends)"),
+             N("save", "SaveImage", {"images": ("sweep", 1), "filename_prefix": "sine/sweep_grid"}, 6,
+               "Save the labelled grid")]
+    tune = G("1  Fine-tune on the source image", ["ckpt", "image", "finetune", "loss"], BLUE)
+    prompts = _prompts_group()
+    sweep = G("3  SINE Sweep", ["guider", "sweep"], PURPLE)
+    groups = [tune, prompts, sweep, G("4  Save the grid", ["save"], YELLOW)]
+    note = ("SINE Sweep: try many fine-tuned weights and window ends in ONE sampling run, as a labelled grid\n\n"
+            "Choosing finetuned_weight (how much of the source to keep) and end_percent (K: how long the fine-tuned "
+            "model steers) is a search. SINE Sweep samples every combination as the rows of one batch, so on a GPU "
+            "12 settings cost little more than one run.\n"
+            "- SINE Guider holds what every row shares: the base model, the prompts, cfg, start_percent (and a mask "
+            "or extra models if you add them). Its finetuned_weight and end_percent are replaced by the lists.\n"
+            "- finetuned_weights '0.2, 0.3, 0.4, 0.5' and end_percents '0.5, 0.6, 0.7' give 12 rows. The grid's "
+            "columns are the window ends (K 500, 400, 300), its rows the weights.\n"
+            "- Every row starts from the seed's noise: a cell you like is reproduced by SINE Guided Sampler with "
+            "that cell's finetuned_weight and end_percent, the same seed, steps, sampler and scheduler. The "
+            "settings output lists each row's values.\n"
+            "- prompts (one per line, with the base CLIP connected to clip) adds edit prompts as more grid rows.\n"
+            "- rows_per_chunk 0 fits as many rows per run as free memory allows; lower it if the GPU runs out of "
+            "memory. The latents output holds every row (VAE Decode it to save them one by one).\n\n"
+            f"{EXAMPLE}\n\n{SHARED}")
+    return Workflow("sine_sweep", "SINE Sweep: many weights and windows in one run, as a grid", nodes, note, groups,
+                    {"sweep": [sweep.title]})
+
+
 WORKFLOWS: list[Callable[[], Workflow]] = [wf_finetune_and_edit, wf_patch_edit_resolution, wf_edit_controlnet,
-                                           wf_two_models_content_style, wf_masked_edit, wf_lora_as_finetuned]
+                                           wf_two_models_content_style, wf_masked_edit, wf_lora_as_finetuned,
+                                           wf_sweep]
 
 
 # ---- building both formats ------------------------------------------------------------------------------------------
 COL_GAP, ROW_GAP, TITLE_H, SLOT_H, WIDGET_H = 70, 40, 30, 22, 24
 WIDTHS = {"CLIPTextEncode": 400, "SINE_Finetune": 360, "SINE_GuidedSampler": 340, "SINE_Guider": 340,
-          "SINE_AddFinetunedModel": 330, "SINE_PatchResolutionConfig": 330, "SaveImage": 420, "PreviewImage": 360,
-          "Note": 460}
+          "SINE_Sweep": 360, "SINE_AddFinetunedModel": 330, "SINE_PatchResolutionConfig": 330, "SaveImage": 420,
+          "PreviewImage": 360, "Note": 460}
 GROUP_FONT, GROUP_PAD = 36, 16  # group title font (frontend 1.27's default is 24: too small in the overview)
 GROUP_CHAR_W = 0.5  # a generous average character width of the title font, in font sizes (for the fit check)
 GROUP_TITLE_H = round(GROUP_FONT * 1.4)  # the frontend's group title bar: font_size * 1.4 (LGraphGroup.titleHeight)

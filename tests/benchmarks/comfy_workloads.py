@@ -153,6 +153,28 @@ def sample(kind: str, model, *, positive, negative, size: int, steps: int, seed:
                      finetuned_weight=0.3, start_percent=0.0, end_percent=0.6)[0]
 
 
+# Sweeps of N settings (fine-tuned weights x window ends): the lists SINE_Sweep gets for N rows
+SWEEP_SETTINGS = {1: ("0.3", "0.6"), 2: ("0.3, 0.5", "0.6"), 4: ("0.2, 0.3", "0.5, 0.7"),
+                  8: ("0.2, 0.3, 0.4, 0.5", "0.5, 0.7"), 12: ("0.2, 0.3, 0.4, 0.5", "0.5, 0.6, 0.7"),
+                  16: ("0.2, 0.3, 0.4, 0.5", "0.4, 0.5, 0.6, 0.7")}
+
+
+def sweep(model, *, settings: int, positive, negative, size: int, steps: int, seed: int, sampler: str,
+          scheduler: str, adapter, source_conditioning, cfg: float = 7.5) -> dict:
+    """SINE_Guider (paper window start 0.0) -> SINE_Sweep of `settings` rows (SWEEP_SETTINGS), no VAE (the grid is
+    the latent colour preview). Returns the LATENT of all rows."""
+    weights, ends = SWEEP_SETTINGS[settings]
+    latent = call_node("EmptyLatentImage", width=size, height=size, batch_size=1)[0]
+    guider = call_node("SINE_Guider", model=model, positive=positive, negative=negative, cfg=cfg,
+                       sine_adapter=adapter, source_conditioning=source_conditioning, finetuned_weight=0.3,
+                       start_percent=0.0, end_percent=0.6)[0]
+    out = call_node("SINE_Sweep", guider=guider, seed=seed, steps=steps, sampler_name=sampler, scheduler=scheduler,
+                    latent_image=latent, denoise=1.0, finetuned_weights=weights, end_percents=ends)[0]
+    if out["samples"].shape[0] != settings:
+        raise RuntimeError(f"SINE_Sweep returned {out['samples'].shape[0]} rows for {settings} settings")
+    return out
+
+
 class BareUNet:
     """The UNet's forward + backward (to its input) through ComfyUI's apply_model, no adapters: the floor of any
     training step on this model. It runs the way SINE Finetune runs the UNet (the pack's own

@@ -29,14 +29,15 @@ from comfy_runtime import ExecutionError, ValidationError  # noqa: E402
 
 WORKFLOWS_DIR = REPO_ROOT / "workflows"
 NAMES = ["sine_finetune_and_edit", "sine_patch_edit_resolution", "sine_edit_controlnet",
-         "sine_two_models_content_style", "sine_masked_edit", "sine_lora_as_finetuned"]
+         "sine_two_models_content_style", "sine_masked_edit", "sine_lora_as_finetuned", "sine_sweep"]
 HINT_TITLE = "ControlNet hint (canny edges of your image)"
 TINY_TRAINING = ["SINE_Finetune.steps=2", "SINE_Finetune.resolution=64"]
 TINY_PATCH = ["SINE_PatchResolutionConfig.working_size=128", "SINE_PatchResolutionConfig.train_resolution=64",
               "SINE_PatchResolutionConfig.grid_size=16", "SINE_PatchResolutionConfig.crop_bank=2"]
 SIZES = {"sine_finetune_and_edit": (64, 64), "sine_patch_edit_resolution": (96, 64),
          "sine_edit_controlnet": (64, 64), "sine_two_models_content_style": (64, 64), "sine_masked_edit": (64, 64),
-         "sine_lora_as_finetuned": (64, 64)}
+         "sine_lora_as_finetuned": (64, 64), "sine_sweep": (64, 64)}
+GRID = {"sine_sweep": (4, 3)}  # workflows that save a labelled grid of (rows, columns) images instead of one image
 
 
 def load(name: str, api: bool) -> dict:
@@ -144,7 +145,12 @@ def test_workflow_executes_on_the_fixtures(headless, fixtures, name):
     assert len(saved) == 1 and saved[0].is_file()
     pixels = np.asarray(Image.open(saved[0]))
     w, h = SIZES[name]
-    assert pixels.shape == (h, w, 3) and np.isfinite(pixels.astype(np.float32)).all()
+    if name in GRID:  # the images plus a label row and column
+        rows, cols = GRID[name]
+        assert pixels.shape[0] > rows * h and pixels.shape[1] > cols * w and pixels.shape[2] == 3
+    else:
+        assert pixels.shape == (h, w, 3)
+    assert np.isfinite(pixels.astype(np.float32)).all()
 
 
 def test_overrides_map_onto_the_right_nodes(headless, fixtures):

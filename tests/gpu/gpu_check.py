@@ -8,6 +8,8 @@ the order users meet the nodes (a plain render first, then the fine-tune, then S
   ksampler      ComfyUI's KSampler, same model / size / steps / sampler / scheduler / seed as sine_sampling
   finetune      SINE_Finetune, LoRA (rank 16, attention layers), precision bf16 (autocast), --train-steps steps
   sine_sampling SINE_GuidedSampler, paper window (fine-tuned weight 0.3, 0.0-0.6), --sample-steps steps
+  sine_sweep8   SINE_Guider -> SINE_Sweep of 8 settings (weights 0.2-0.5 x window ends 0.5, 0.7): the 8 rows in one
+                batched run, --sample-steps steps; s/step of the whole sweep (all chunks, if it needed several)
   bare_unet     the UNet's forward + backward (to its input) via ComfyUI's apply_model, bf16 autocast, no adapters
   vae_encode    one VAE encode of a 512 px crop (what a fresh crop per training step would add to each step)
   user_flow     KSampler -> VAEDecode -> SINE Finetune -> SINE Guided Sampler -> VAEDecode, run twice in the
@@ -40,8 +42,8 @@ sys.path.insert(0, str(HERE.parent / "benchmarks"))
 import timing  # noqa: E402  (tests/benchmarks/timing.py: the one timing helper)
 
 MODE_FLAGS = {"normal": None, "lowvram": "lowvram", "novram": "novram"}
-PHASES = ("ksampler", "finetune", "sine_sampling", "bare_unet", "vae_encode", "user_flow")
-UNITS = {"finetune": "step", "sine_sampling": "step", "ksampler": "step", "bare_unet": "step",
+PHASES = ("ksampler", "finetune", "sine_sampling", "sine_sweep8", "bare_unet", "vae_encode", "user_flow")
+UNITS = {"finetune": "step", "sine_sampling": "step", "sine_sweep8": "step", "ksampler": "step", "bare_unet": "step",
          "vae_encode": "encode", "user_flow": "flow"}
 
 
@@ -133,6 +135,14 @@ def child(a) -> dict:
             return phase(fn)
         return run
 
+    def sweep8(r):
+        def fn(st):
+            w.sweep(model, settings=8, positive=pos, negative=neg, size=a.size, steps=a.sample_steps, seed=seed + r,
+                    sampler=a.sampler, scheduler=a.scheduler, adapter=adapter, source_conditioning=src_cond)
+            total = max(t for _, t, _ in st.stamps)  # one bar over all chunks: sample_steps x chunks
+            return st.per_step(total) * (total // a.sample_steps)
+        return phase(fn)
+
     def bare(r):
         def fn(st):
             b = w.BareUNet(s, model, pos, a.size, autocast)
@@ -169,7 +179,7 @@ def child(a) -> dict:
         return phase(fn)
 
     variants = {"ksampler": sampling("ksampler"), "finetune": finetune, "sine_sampling": sampling("sine"),
-                "bare_unet": bare, "vae_encode": vae_encode, "user_flow": user_flow}
+                "sine_sweep8": sweep8, "bare_unet": bare, "vae_encode": vae_encode, "user_flow": user_flow}
     stats = timing.interleaved(variants, repeats=1, warmup=1, log=lambda m: print(f"[{mode}] {m}", flush=True))
     info = {"device": torch.cuda.get_device_name() if cuda else f"cpu ({platform.processor() or platform.machine()})",
             "torch": torch.__version__, "comfyui": __import__("comfyui_version").__version__,
@@ -232,7 +242,9 @@ def report(a, infos: dict, stats: dict) -> None:
     for mode in a.mode_list:
         st = {ph: stats[mode][f"{ph}.s_per_unit"] for ph in PHASES}
         print(f"  {mode}: SINE sampling / KSampler = {timing.ratio_of_medians(st['sine_sampling'], st['ksampler']):.2f}x "
-              f"(target <= 1.25x); SINE Finetune step / bare UNet fwd+bwd = "
+              f"(target <= 1.25x); SINE Sweep of 8 settings / one SINE run = "
+              f"{timing.ratio_of_medians(st['sine_sweep8'], st['sine_sampling']):.2f}x (target <= 2x); "
+              f"SINE Finetune step / bare UNet fwd+bwd = "
               f"{timing.ratio_of_medians(st['finetune'], st['bare_unet']):.2f}x; one VAE encode / Finetune step = "
               f"{timing.ratio_of_medians(st['vae_encode'], st['finetune']):.2f} (the cost a fresh crop per step "
               f"would add to each step)")

@@ -1,0 +1,71 @@
+"""The SINE prediction step shared by SINE Guider and SINE Sweep (glue: ComfyUI's sampler API around sine_ops' mix).
+
+One batched `calc_cond_batch` per step over [edit prompt, negative, the active fine-tuned sources], the conditional
+mix, then ComfyUI's own pre-CFG functions and `cfg_function`: the guider mixes one weight per entry, the sweep one
+weight per batch row (sine_ops.guidance.mix_conditional_maps takes both). Also the two facts both nodes read the
+same way: an entry's window in sigmas and its (mask) weight over a latent.
+"""
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+
+import comfy.samplers
+import comfy.utils
+
+from ..sine_ops.guidance import Weight, feather_mask, weight_map
+from . import model_patching as mp
+
+
+def window_sigmas(model_sampling, start_percent: float, end_percent: float) -> tuple[float, float]:
+    """(start_sigma, end_sigma) of a window under this model's sampling, as ComfyUI's own timestep ranges
+    (ControlNet, hooks) turn percents into sigmas."""
+    return float(model_sampling.percent_to_sigma(start_percent)), float(model_sampling.percent_to_sigma(end_percent))
+
+
+def latent_mask(mask: torch.Tensor, feather: int, shape: tuple) -> torch.Tensor:
+    """A MASK over a latent of `shape`: resized as ComfyUI resizes a latent noise mask (comfy.utils.reshape_mask:
+    bilinear to the latent size, batch repeated to the latent's), then feathered by `feather` latent pixels.
+    (B, 1, h, w), made on the CPU (where the mask is), so checking it reads nothing back from a GPU."""
+    resized = comfy.utils.reshape_mask(mask.cpu(), (shape[0], 1, *shape[2:])).clamp(0, 1)
+    return feather_mask(resized, feather)
+
+
+def entry_weight(entry, shape: tuple) -> Weight:
+    """A guidance entry's weight for a latent of `shape`: its scalar weight, or with a mask a (B, 1, ...) map over
+    the latent (`weight` inside, `outside_weight` outside), on the CPU."""
+    if entry.mask is None:
+        return entry.weight
+    return weight_map(latent_mask(entry.mask, entry.mask_feather, shape), entry.weight, entry.outside_weight)
+
+
+def with_cond_owner(model_options: dict, owner: list[int]) -> dict:
+    """model_options for this step only, whose transformer_options say which adapter owns each cond index."""
+    return {**model_options, "transformer_options": {**model_options.get("transformer_options", {}),
+                                                     mp.COND_OWNER_KEY: owner}}
+
+
+def predict_mixed(guider, x, timestep, model_options: dict, sources: Sequence[int],
+                  mix: Callable[[torch.Tensor, list[torch.Tensor]], torch.Tensor]) -> torch.Tensor:
+    """CFG prediction of a CFGGuider whose conds hold "positive", "negative" and "sine_source_<i>": one batched
+    forward over the edit prompt, the negative (skipped at cfg 1 as ComfyUI does) and the sources `sources` (entry
+    ids, in the order `mix` receives their outputs), then cond = mix(edit output, source outputs) and ComfyUI's
+    pre-CFG functions and cfg_function as its own sampling_function applies them."""
+    model = guider.inner_model
+    cfg1 = abs(guider.cfg - 1.0) < 1e-9 and not model_options.get("disable_cfg1_optimization", False)
+    positive, negative = guider.conds.get("positive"), guider.conds.get("negative")
+    uncond = None if cfg1 else negative
+    conds = [positive, uncond] + [guider.conds[f"sine_source_{i}"] for i in sources]
+    model_options = with_cond_owner(model_options, [-1, -1] + list(sources))
+    if "sampler_calc_cond_batch_function" in model_options:
+        out = model_options["sampler_calc_cond_batch_function"](
+            {"conds": conds, "input": x, "sigma": timestep, "model": model, "model_options": model_options})
+    else:
+        out = comfy.samplers.calc_cond_batch(model, conds, x, timestep, model_options)
+    out = [mix(out[0], [out[2 + k] for k in range(len(sources))]), out[1]]
+    for fn in model_options.get("sampler_pre_cfg_function", []):
+        out = fn({"conds": [positive, uncond], "conds_out": out, "cond_scale": guider.cfg, "timestep": timestep,
+                  "input": x, "sigma": timestep, "model": model, "model_options": model_options})
+    return comfy.samplers.cfg_function(model, out[0], out[1], guider.cfg, x, timestep, model_options=model_options,
+                                       cond=positive, uncond=uncond)
