@@ -47,13 +47,14 @@ class GuidanceEntry:
     mask_feather: int = 0
 
 
-def _entry(adapter, source_conditioning, weight, start_percent, end_percent, mask=None, outside_weight=0.0,
-           mask_feather=0) -> GuidanceEntry:
+def _entry(sine_adapter, source_conditioning, finetuned_weight, start_percent, end_percent, mask=None,
+           outside_weight=0.0, mask_feather=0) -> GuidanceEntry:
+    """The entry of one fine-tuned model, from the node inputs of _entry_inputs (names as the nodes have them)."""
     if start_percent > end_percent:
         raise InputError("start_percent", f"{start_percent} is after 'end_percent' ({end_percent}); the window "
                                           "would be empty. Paper: start 0.0, end 0.6.")
-    if not 0.0 <= weight <= 1.0:
-        raise InputError("finetuned_weight", f"must be in [0, 1], got {weight}")
+    if not 0.0 <= finetuned_weight <= 1.0:
+        raise InputError("finetuned_weight", f"must be in [0, 1], got {finetuned_weight}")
     if not 0.0 <= outside_weight <= 1.0:
         raise InputError("outside_weight", f"must be in [0, 1], got {outside_weight}")
     if mask_feather < 0:
@@ -64,7 +65,7 @@ def _entry(adapter, source_conditioning, weight, start_percent, end_percent, mas
     if mask is not None and not torch.isfinite(mask).all():
         raise InputError("mask", "the mask contains NaN/Inf values, which would make the whole latent NaN; check "
                                  "the node that produced it")
-    return GuidanceEntry(adapter, source_conditioning, weight, start_percent, end_percent,
+    return GuidanceEntry(sine_adapter, source_conditioning, finetuned_weight, start_percent, end_percent,
                          None if mask is None else mask.detach().float().clamp(0, 1), outside_weight, mask_feather)
 
 
@@ -191,15 +192,7 @@ def build_guider(model, positive, negative, cfg: float, entries: list[GuidanceEn
 
 def _entries(extra_models, **entry_inputs) -> list[GuidanceEntry]:
     """The node's own entry first, then those chained in through extra_models."""
-    return [_entry(**_entry_kwargs(**entry_inputs))] + list(extra_models or ())
-
-
-def _entry_kwargs(sine_adapter, source_conditioning, finetuned_weight, start_percent, end_percent, mask=None,
-                  outside_weight=0.0, mask_feather=0) -> dict:
-    """_entry's arguments from the node inputs of _entry_inputs (names as the nodes have them)."""
-    return dict(adapter=sine_adapter, source_conditioning=source_conditioning, weight=finetuned_weight,
-                start_percent=start_percent, end_percent=end_percent, mask=mask, outside_weight=outside_weight,
-                mask_feather=mask_feather)
+    return [_entry(**entry_inputs)] + list(extra_models or ())
 
 
 def _extra_models_input():
@@ -224,7 +217,7 @@ class SineAddFinetuned(io.ComfyNode):
     @classmethod
     def execute(cls, extra_models=None, **entry_inputs) -> io.NodeOutput:
         with node_errors("SINE Add Fine-tuned Model"):
-            entry = _entry(**_entry_kwargs(**entry_inputs))
+            entry = _entry(**entry_inputs)
         return io.NodeOutput(tuple(extra_models or ()) + (entry,))
 
 

@@ -33,12 +33,9 @@ def main():
     timing.check_repeats(args.repeats)
     import torch
     import comfy_workloads as w
-    s, fx = w.start(Path(args.work))
-    model, clip, vae = w.load_checkpoint(fx)
-    image = w.source_image(fx)
-    pos, neg = w.encode_text(clip, w.EDIT), w.encode_text(clip, "")
-    ft = w.sine_finetune(model, clip, vae, image, steps=3, resolution=64, seed=0, lr=1e-3)
-    src_cond, adapter = ft[2], ft[3]
+    setup = w.edit_setup(Path(args.work))
+    model, pos, neg = setup["model"], setup["positive"], setup["negative"]
+    src_cond, adapter = setup["source_conditioning"], setup["adapter"]
 
     def variant(kind):
         def run(rnd):

@@ -54,14 +54,10 @@ def main():
     args = p.parse_args()
     timing.check_repeats(args.repeats)
     import comfy_workloads as w
-    s, fx = w.start(Path(args.work))
-    model, clip, vae = w.load_checkpoint(fx)
-    image = w.source_image(fx)
-    pos, neg = w.encode_text(clip, w.EDIT), w.encode_text(clip, "")
-    ft = w.sine_finetune(model, clip, vae, image, steps=3, resolution=64, seed=0, lr=1e-3)
-    src_cond, adapter = ft[2], ft[3]
-    kw = dict(positive=pos, negative=neg, steps=args.steps, sampler=args.sampler, scheduler=args.scheduler,
-              adapter=adapter, source_conditioning=src_cond)
+    setup = w.edit_setup(Path(args.work))
+    model = setup["model"]
+    kw = dict(positive=setup["positive"], negative=setup["negative"], steps=args.steps, sampler=args.sampler,
+              scheduler=args.scheduler, adapter=setup["adapter"], source_conditioning=setup["source_conditioning"])
     for n in (args.op_settings, args.time_settings):
         if n not in w.SWEEP_SETTINGS:
             sys.exit(f"--op-settings / --time-settings: choose from {sorted(w.SWEEP_SETTINGS)}")

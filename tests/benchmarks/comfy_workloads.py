@@ -140,6 +140,16 @@ def sine_finetune(model, clip, vae, image, *, steps: int, resolution: int, seed:
                      gradient_checkpointing=False, resize="stretch", resolution=resolution, **extra)
 
 
+def edit_setup(work: Path) -> dict:
+    """What the sampling benchmarks share: ComfyUI started in `work`, the fixture checkpoint, the edit and empty
+    prompts, and a 3-step fine-tune at 64 px (its source conditioning and adapter)."""
+    s, fx = start(work)
+    model, clip, vae = load_checkpoint(fx)
+    ft = sine_finetune(model, clip, vae, source_image(fx), steps=3, resolution=64, seed=0, lr=1e-3)
+    return dict(session=s, model=model, clip=clip, vae=vae, positive=encode_text(clip, EDIT),
+                negative=encode_text(clip, ""), source_conditioning=ft[2], adapter=ft[3])
+
+
 def sample(kind: str, model, *, positive, negative, size: int, steps: int, seed: int, sampler: str,
            scheduler: str, cfg: float = 7.5, adapter=None, source_conditioning=None) -> dict:
     """One 1-image sampling run: kind "ksampler" (ComfyUI's KSampler) or "sine" (SINE_GuidedSampler with the
