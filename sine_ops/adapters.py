@@ -15,8 +15,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .tensor_views import content_stamp
+
 
 LayerKind = Callable[[nn.Module], "str | None"]
+# Weight dtypes a LoRA can be added to in the graph (merged training); fp8 storage is only cast, never added to.
+_ARITHMETIC_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 def torch_layer_kind(layer: nn.Module) -> str | None:
@@ -253,10 +257,11 @@ class SharedDown:
             bounds.append(bounds[-1] + lora.rank)
         self.bounds = bounds
         self._cast: dict = {}  # (device, dtype) -> (stamp, concatenated down)
+        self._inference = [lora.down.is_inference() for lora in loras]  # read once: see content_stamp
 
     def down(self, x: torch.Tensor) -> torch.Tensor:
         key = (x.device, x.dtype)
-        stamp = tuple((lora.down.data_ptr(), lora.down._version) for lora in self.loras)
+        stamp = tuple(content_stamp(lora.down, inf) for lora, inf in zip(self.loras, self._inference))
         cached = self._cast.get(key)
         if cached is None or cached[0] != stamp:
             with torch.no_grad():
@@ -289,6 +294,9 @@ class AdaptedForward:
         self.shared = shared or {}  # adapter id -> (SharedDown, this layer's index in it), for frozen LoRAs
         self._modules_by_root: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
         self._cast: dict = {}  # (adapter id, device, dtype) -> (weights stamp, cast weights)
+        # which parameters are inference tensors (loaded inside a node), read once: see content_stamp
+        self._inference = {i: [p is not None and p.is_inference() for p in a._parameters.values()]
+                           for i, a in self.adapters.items()}
 
     def _module(self, root: nn.Module | None) -> nn.Module:
         if root is None:
@@ -303,7 +311,7 @@ class AdaptedForward:
         if torch.is_grad_enabled() and any(p is not None and p.requires_grad for p in params):
             return adapter.compute_weights(x.dtype, x.device)  # training: in the graph, every call
         key = (adapter_id, x.device, x.dtype)
-        stamp = tuple((p.data_ptr(), p._version) for p in params if p is not None)
+        stamp = tuple(content_stamp(p, inf) for p, inf in zip(params, self._inference[adapter_id]) if p is not None)
         cached = self._cast.get(key)
         if cached is None or cached[0] != stamp:
             with torch.no_grad():
@@ -318,7 +326,9 @@ class AdaptedForward:
         adapter = next(iter(self.adapters.values()))
         if not (isinstance(adapter, LoRA) and adapter.down.requires_grad and torch.is_grad_enabled()):
             return None
-        return adapter if module._parameters.get("weight") is not None else None
+        weight = module._parameters.get("weight")
+        # fp8 storage (weight_dtype fp8_*) has no arithmetic: the layer casts it per call, so the delta goes after
+        return adapter if weight is not None and weight.dtype in _ARITHMETIC_DTYPES else None
 
     def __call__(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         state = self.router.state()  # one context lookup per layer call

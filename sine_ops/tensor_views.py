@@ -18,3 +18,16 @@ def normal_view(t: torch.Tensor) -> torch.Tensor:
         view = torch.empty(0, dtype=t.dtype, device=t.device)
         view.set_(t.untyped_storage(), t.storage_offset(), t.size(), t.stride())
     return view
+
+
+
+def content_stamp(t: torch.Tensor, inference: bool | None = None) -> tuple:
+    """What changes when `t`'s values may have changed, for caches of tensors derived from it: its storage and its
+    version counter (bumped by every in-place write). An inference tensor (an adapter loaded inside a ComfyUI
+    node, a buffer ComfyUI moved to the GPU) has no version counter, and reading it raises; it is written in place
+    only inside inference mode, which the pack does only while building it, before anything derived from it is
+    cached, so its storage alone stands for it. `inference`: t.is_inference(), when the caller knows it (as
+    torch.compile cannot trace is_inference, a forward passes what it read when it was set up)."""
+    if inference is None:
+        inference = t.is_inference()
+    return t.data_ptr(), None if inference else t._version

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from .config import OptimConfig
+from .tensor_views import content_stamp
 
 
 class Schedule(Protocol):
@@ -103,8 +104,8 @@ def _host_sigmas(schedule: Schedule) -> torch.Tensor:
     if sigmas.device.type == "cpu":
         return sigmas.detach()
     host = _HOST_SIGMAS.get(sigmas)
-    if host is None or host[0] != sigmas._version:
-        host = _HOST_SIGMAS[sigmas] = (sigmas._version, sigmas.detach().cpu())
+    if host is None or host[0] != content_stamp(sigmas):  # a GPU copy of the buffer is an inference tensor
+        host = _HOST_SIGMAS[sigmas] = (content_stamp(sigmas), sigmas.detach().cpu())
     return host[1]
 
 

@@ -291,3 +291,52 @@ def test_shared_down_projection_of_q_k_v():
         assert torch.equal(out[n][:2], m(x)[:2]) and torch.allclose(out[n][2], expected[2], atol=1e-6)
         assert torch.allclose(cross[n][2], (expected if n == "to_q" else expected_ctx)[2], atol=1e-6)
 
+
+
+def test_adapters_made_in_inference_mode_sample_through_the_caches():
+    """Adapters loaded or imported inside a ComfyUI node (Load SINE Adapter, SINE LoRA as Adapter) are inference
+    tensors, which have no version counter: the cast caches (per layer and the shared q/k/v down projection) read
+    them without failing and give the outputs of the same adapters made outside inference mode."""
+    from sine_ops.adapters import SharedDown
+    torch.manual_seed(0)
+    layers = {n: nn.Linear(6, 6) for n in ("to_q", "to_k", "to_v")}
+    outputs = []
+    for inference in (False, True):
+        with torch.inference_mode(inference):
+            loras = {n: make_adapter("linear", m, "lora", seed=i) for i, (n, m) in enumerate(layers.items())}
+        assert all(p.is_inference() == inference for lora in loras.values() for p in lora.parameters())
+        group = SharedDown([loras[n] for n in layers])
+        router = RowRouter()
+        fwd = {n: AdaptedForward(m, n, {0: loras[n]}, router, {0: (group, i)})
+               for i, (n, m) in enumerate(layers.items())}
+        lone = AdaptedForward(layers["to_q"], "to_q", {0: loras["to_q"]}, router)  # no shared projection
+        x = torch.randn(3, 4, 6, generator=torch.Generator().manual_seed(1))
+        with torch.no_grad(), router.route([-1, 0, 0]):
+            outputs.append([fwd[n](x) for n in layers] + [lone(x), lone(x)])
+    assert all(torch.equal(a, b) for a, b in zip(*outputs, strict=True))
+
+
+def test_training_on_fp8_weights_adds_the_delta_after_the_layer():
+    """weight_dtype fp8_*: the layer's weight has no arithmetic (ComfyUI casts it per call), so the trained LoRA is
+    not merged into it; gradients still reach the LoRA and match the same layer in fp32."""
+    fp8 = getattr(torch, "float8_e4m3fn", None)
+    if fp8 is None:
+        pytest.skip("this torch has no float8")
+
+    class CastLinear(nn.Linear):  # as comfy.ops' manual cast: the stored weight cast to the input per call
+        def forward(self, x):
+            return F.linear(x, self.weight.to(x.dtype), self.bias)
+
+    grads = []
+    for dtype in (torch.float32, fp8):
+        torch.manual_seed(0)
+        layer = CastLinear(6, 5)
+        layer.weight.data = layer.weight.data.to(fp8).to(dtype)  # both runs on the same (fp8-exact) values
+        layer.requires_grad_(False)
+        adapter = make_adapter("linear", layer, "lora", seed=3)
+        adapter.requires_grad_(True)
+        fwd = AdaptedForward(layer, "layer", {0: adapter}, RowRouter())
+        x = torch.randn(2, 3, 6, generator=torch.Generator().manual_seed(2))
+        fwd(x).square().sum().backward()
+        grads.append([adapter.down.grad, adapter.up.grad])
+    assert all(torch.allclose(a, b, rtol=1e-5, atol=1e-6) for a, b in zip(*grads, strict=True))

@@ -44,3 +44,18 @@ def test_views_keep_strides_and_offsets():
     view = normal_view(part)
     assert view.shape == part.shape and view.stride() == part.stride()
     assert torch.equal(view.clone(), part.clone())
+
+
+def test_content_stamp_follows_in_place_writes_and_reads_inference_tensors():
+    """Caches of tensors derived from a weight key on content_stamp: an in-place write changes it; an inference
+    tensor (which has no version counter) is stamped by its storage."""
+    from sine_ops.tensor_views import content_stamp
+    t = torch.zeros(3)
+    before = content_stamp(t)
+    t.add_(1)
+    assert content_stamp(t) != before and content_stamp(t)[0] == before[0]
+    with torch.inference_mode():
+        frozen = torch.zeros(3)
+    with pytest.raises(RuntimeError, match="version counter"):
+        frozen._version  # noqa: B018 - what content_stamp must not read
+    assert content_stamp(frozen) == (frozen.data_ptr(), None)

@@ -38,12 +38,15 @@ def lora_ksampler(fixtures):
     return g
 
 
-def params(adapter):
-    return [p.detach().clone() for p in adapter.parameters()]
+def params(adapter) -> dict:
+    """By name: an adapter read back from the disk cache lists its layers in the file's order."""
+    return {name: p.detach().clone() for name, p in adapter.named_parameters()}
 
 
 def max_difference(a, b) -> float:
-    return max(float((x - y).abs().max()) for x, y in zip(params(a), params(b), strict=True))
+    pa, pb = params(a), params(b)
+    assert pa.keys() == pb.keys()
+    return max(float((pa[n] - pb[n]).abs().max()) for n in pa)
 
 
 @pytest.fixture(scope="module")
