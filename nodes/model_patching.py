@@ -17,7 +17,8 @@ import torch
 import comfy.model_management
 import comfy.utils
 
-from ..sine_ops.adapters import AdaptedForward, FullDelta, LoRA, RowRouter, SharedDown, adaptable_layers, conv_spec
+from ..sine_ops.adapters import (AdaptedForward, FullDelta, LoRA, MergeGroup, RowRouter, SharedDown, adaptable_layers,
+                                conv_spec)
 from ..sine_ops.config import LAYER_SETS, SHARED_INPUT_LAYERS, TEXT_ENCODER_LORA_LAYERS
 from ..sine_ops.positional_grid import add_grid_to_rows, grid_for_boxes, positional_grid
 from ..sine_ops.sine_adapter import SineAdapter
@@ -114,9 +115,25 @@ def shared_downs(adapters: dict[str, torch.nn.Module]) -> dict[str, tuple[Shared
     return out
 
 
+def merge_groups(adapters: dict[str, torch.nn.Module]) -> dict[str, tuple[MergeGroup, int]]:
+    """path -> (MergeGroup, index) for the LoRAs whose layers share a weight shape, rank and scale, so a training
+    forward merges their weights as one batched multiply-add (sine_ops MergeGroup)."""
+    by_shape: dict[tuple, list[str]] = {}
+    for path, adapter in adapters.items():
+        if isinstance(adapter, LoRA):
+            by_shape.setdefault((adapter.weight_shape, adapter.rank, adapter.scale), []).append(path)
+    out = {}
+    for paths in by_shape.values():
+        if len(paths) > 1:
+            group = MergeGroup([adapters[p] for p in paths])
+            out.update({p: (group, i) for i, p in enumerate(paths)})
+    return out
+
+
 def attach_adapters(patcher, groups: dict[int, dict[str, torch.nn.Module]], router: RowRouter,
                     input_name: str) -> None:
-    """Patch every adapted layer's forward on `patcher` (a clone): one AdaptedForward per layer, all ids on it."""
+    """Patch every adapted layer's forward on `patcher` (a clone): one AdaptedForward per layer, all ids on it.
+    One adapter id (a model being trained) also gets its layers' merge groups."""
     by_path: dict[str, dict[int, torch.nn.Module]] = {}
     shared: dict[str, dict[int, tuple]] = {}
     for adapter_id, adapters in groups.items():
@@ -124,11 +141,13 @@ def attach_adapters(patcher, groups: dict[int, dict[str, torch.nn.Module]], rout
             by_path.setdefault(path, {})[adapter_id] = adapter
         for path, member in shared_downs(adapters).items():
             shared.setdefault(path, {})[adapter_id] = member
+    merge = merge_groups(next(iter(groups.values()))) if len(groups) == 1 else {}
     for path, adapters in by_path.items():
         module = None
         for adapter in adapters.values():
             module = _bind(patcher.model, path, adapter, input_name)
-        patcher.add_object_patch(f"{path}.forward", AdaptedForward(module, path, adapters, router, shared.get(path)))
+        patcher.add_object_patch(f"{path}.forward", AdaptedForward(module, path, adapters, router, shared.get(path),
+                                                                   merge.get(path)))
 
 
 class RoutingWrapper:

@@ -48,6 +48,7 @@ class TrainingSetup:
     device: torch.device
     dtype: torch.dtype | None        # autocast dtype, None = fp32
     views: mp.WeightViews            # the frozen weights' autograd-safe views, released before every load
+    router: RowRouter                # the training model's: each forward gets its own state (merge groups)
 
 
 Checkpoint = Callable[[SineAdapter], None]
@@ -226,7 +227,7 @@ def _prepare(model, clip, vae, image, source_prompt, settings, patch, generator,
             comfy_call(lambda: clip.encode_from_tokens_scheduled(tokens)[0])
     train_base = compat.training_clone(model, "model")  # a non-dynamic model under newer ComfyUI's dynamic VRAM
     adapter = _new_adapter(train_base, clip, family, source_prompt, settings, patch, generator)
-    router = RowRouter()  # no routing: every row is the fine-tuned model while training
+    router = RowRouter()  # no row routing: every row is the fine-tuned model while training
     train_model = mp.patched_model(train_base, {0: adapter}, router)
     views = mp.WeightViews()
     mp.attach_trainable_weights(train_model, views, "diffusion_model.")
@@ -238,7 +239,7 @@ def _prepare(model, clip, vae, image, source_prompt, settings, patch, generator,
         mp.attach_trainable_weights(train_clip.patcher, views)
     device = mp.device_of(model)
     return TrainingSetup(data, adapter, train_model, train_clip, tokens, fixed_cond, device,
-                         _compute_dtype(settings.precision, device), views)
+                         _compute_dtype(settings.precision, device), views, router)
 
 
 def _interruptible(done: int, total: int) -> None:
@@ -307,7 +308,9 @@ def _train_loop(s: TrainingSetup, settings: FinetuneSettings, progress: TrainPro
         x0, mask = latent.to(s.device), None if mask is None else mask.to(s.device)
         sigma, _, x = noisy_latent(ms, x0, generator)
         options = transformer_options if box is None else {**transformer_options, mp.CROP_BOXES_KEY: box}
-        with torch.autocast(s.device.type, dtype=s.dtype, enabled=s.dtype is not None):
+        # one routing state per forward (all rows trained): the layers' merge groups merge once in it
+        with torch.autocast(s.device.type, dtype=s.dtype, enabled=s.dtype is not None), \
+                s.router.route(None, root=s.model.model):
             denoised = s.model.model.apply_model(x, sigma, transformer_options=options, **prompt_inputs(x))
         last["denoised"] = denoised.detach()
         loss = denoising_loss(ms, sigma, denoised, x0, mask)

@@ -183,6 +183,7 @@ class _Routing:
     root: nn.Module | None
     rows: dict = field(default_factory=dict)  # adapter id (, device) -> rows, filled by the first layer that asks
     shared: tuple | None = None  # SharedDown's latest projection: (SharedDown, input, rows, projection)
+    merged: dict = field(default_factory=dict)  # MergeGroup -> its members' merged weights, in this forward
 
     def rows_of(self, adapter_id: int, batch: int, device=None):
         if self.row_owner is None:
@@ -277,6 +278,43 @@ class SharedDown:
         return slot[3][..., self.bounds[member]:self.bounds[member + 1]]
 
 
+class MergeGroup:
+    """Trained LoRAs of layers whose weights share one shape (the attention projections of one width): in a routed
+    training forward their merged weights (weight + scale * up @ down) are made for all members at once, as one
+    batched multiply-add, whose backward is one batched product each for the ups and the downs; per layer only
+    the layer's own weight gradient remains. Made when the first member runs, kept in the forward's routing
+    state (so per thread, and released with the forward), as SharedDown keeps its projection."""
+
+    def __init__(self, loras: list[LoRA]):
+        self.loras = loras
+        self.forwards: list[AdaptedForward] = []  # the members' forwards, in the order of loras (set by them)
+
+    def merged_weight(self, state: "_Routing", member: int) -> torch.Tensor | None:
+        """Member `member`'s merged weight in this forward; None where the members' weights cannot be stacked
+        (another dtype or device per layer: e.g. a --lowvram model with some layers left on the CPU)."""
+        merged = state.merged.get(self, _UNSET)
+        if merged is _UNSET:
+            merged = state.merged[self] = self._merge(state.root)
+        return None if merged is None else merged[member]
+
+    def _merge(self, root: nn.Module | None) -> tuple | None:
+        weights = [f._module(root)._parameters["weight"] for f in self.forwards]
+        if len({(w.dtype, w.device, w.shape) for w in weights}) != 1:
+            return None
+        for lora in self.loras:
+            if lora.up.device != weights[0].device:
+                lora.to(weights[0].device)  # the trained parameters themselves follow the model
+        first = self.loras[0]
+        ups = torch.stack([lora.up.flatten(1) for lora in self.loras])
+        downs = torch.stack([lora.down.flatten(1) for lora in self.loras])
+        base = torch.stack([w.flatten(1) for w in weights])
+        if base.dtype == ups.dtype or _autocast_on(base.device.type):
+            merged = torch.baddbmm(base, ups, downs, alpha=first.scale)
+        else:
+            merged = base + torch.bmm(ups, downs).mul(first.scale)  # e.g. fp16 weights, fp32 LoRA: promoted
+        return tuple(m.view(weights[0].shape) for m in merged.unbind(0))
+
+
 class AdaptedForward:
     """Replacement for `module.forward`: the class forward (the base output) plus each routed adapter's delta,
     added in place into the adapter's rows of that output (the other rows keep the base output bit for bit).
@@ -289,9 +327,15 @@ class AdaptedForward:
     """
 
     def __init__(self, module: nn.Module, path: str, adapters: dict[int, nn.Module], router: RowRouter,
-                 shared: dict[int, tuple[SharedDown, int]] | None = None):
+                 shared: dict[int, tuple[SharedDown, int]] | None = None,
+                 merge: tuple[MergeGroup, int] | None = None):
         self.module, self.path, self.adapters, self.router = module, path, dict(adapters), router
         self.shared = shared or {}  # adapter id -> (SharedDown, this layer's index in it), for frozen LoRAs
+        self.merge = merge  # (MergeGroup, this layer's index in it), for the one adapter of a training model
+        if merge is not None:
+            group, index = merge
+            group.forwards.extend([None] * (index + 1 - len(group.forwards)))
+            group.forwards[index] = self
         self._modules_by_root: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
         self._cast: dict = {}  # (adapter id, device, dtype) -> (weights stamp, cast weights)
         # which parameters are inference tensors (loaded inside a node), read once: see content_stamp
@@ -338,9 +382,12 @@ class AdaptedForward:
             # training: the layer runs once on weight + up @ down (the same function of x as base + delta)
             params = module._parameters
             weight = params["weight"]
-            if trained.up.device != weight.device:
-                trained.to(weight.device)  # the trained parameters themselves follow the model
-            params["weight"] = trained.merged_weight(weight)
+            merged = None if self.merge is None or state is None else self.merge[0].merged_weight(state, self.merge[1])
+            if merged is None:
+                if trained.up.device != weight.device:
+                    trained.to(weight.device)  # the trained parameters themselves follow the model
+                merged = trained.merged_weight(weight)
+            params["weight"] = merged
             try:
                 return type(module).forward(module, x, *args, **kwargs)
             finally:

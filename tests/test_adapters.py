@@ -340,3 +340,38 @@ def test_training_on_fp8_weights_adds_the_delta_after_the_layer():
         fwd(x).square().sum().backward()
         grads.append([adapter.down.grad, adapter.up.grad])
     assert all(torch.allclose(a, b, rtol=1e-5, atol=1e-6) for a, b in zip(*grads, strict=True))
+
+
+def test_merge_group_trains_as_the_layers_apart_in_fewer_ops():
+    """Issue 19: in a routed training forward, the trained LoRAs of same-shape layers merge into their weights as
+    one batched multiply-add (MergeGroup). Outputs and gradients equal the per-layer merge; the ops per layer of a
+    forward+backward drop from the per-layer merge's."""
+    from op_counter import OpCounter
+    from sine_ops.adapters import MergeGroup
+
+    def run(grouped: bool):
+        torch.manual_seed(0)
+        layers = [nn.Linear(8, 8) for _ in range(4)]
+        for m in layers:
+            m.requires_grad_(False)
+        loras = [make_adapter("linear", m, "lora", seed=i) for i, m in enumerate(layers)]
+        for lora in loras:
+            lora.requires_grad_(True)
+        router = RowRouter()
+        group = MergeGroup(loras) if grouped else None
+        fwd = [AdaptedForward(m, f"l{i}", {0: lora}, router, None, None if group is None else (group, i))
+               for i, (m, lora) in enumerate(zip(layers, loras))]
+        x = torch.randn(2, 3, 8, generator=torch.Generator().manual_seed(5), requires_grad=True)
+        with OpCounter() as ops:
+            with router.route(None):
+                y = x
+                for f in fwd:
+                    y = f(y)
+            y.square().sum().backward()
+        return y.detach(), [p.grad for lora in loras for p in lora.parameters()] + [x.grad], ops.ops
+
+    apart, grouped = run(False), run(True)
+    assert torch.allclose(apart[0], grouped[0], rtol=1e-5, atol=1e-6)
+    assert all(torch.allclose(a, b, rtol=1e-5, atol=1e-6) for a, b in zip(apart[1], grouped[1], strict=True))
+    assert grouped[2] < apart[2], (grouped[2], apart[2])
+    print("ops per forward+backward of 4 layers: apart", apart[2], "grouped", grouped[2])
