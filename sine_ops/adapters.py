@@ -298,7 +298,9 @@ class MergeGroup:
         return None if merged is None else merged[member]
 
     def _merge(self, root: nn.Module | None) -> tuple | None:
-        weights = [f._module(root)._parameters["weight"] for f in self.forwards]
+        # detached, never the layers' own Parameters: only the layer that runs has its weights swapped for views by
+        # the training clone (nodes/model_patching.TrainableWeights), and the model's weights must get no gradient
+        weights = [f._module(root)._parameters["weight"].detach() for f in self.forwards]
         if len({(w.dtype, w.device, w.shape) for w in weights}) != 1:
             return None
         for lora in self.loras:

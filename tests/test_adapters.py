@@ -353,7 +353,7 @@ def test_merge_group_trains_as_the_layers_apart_in_fewer_ops():
         torch.manual_seed(0)
         layers = [nn.Linear(8, 8) for _ in range(4)]
         for m in layers:
-            m.requires_grad_(False)
+            m.requires_grad_(grouped)  # grouped: as a model's weights (trainable by default), which get no gradient
         loras = [make_adapter("linear", m, "lora", seed=i) for i, m in enumerate(layers)]
         for lora in loras:
             lora.requires_grad_(True)
@@ -368,6 +368,7 @@ def test_merge_group_trains_as_the_layers_apart_in_fewer_ops():
                 for f in fwd:
                     y = f(y)
             y.square().sum().backward()
+        assert all(m.weight.grad is None for m in layers)  # apart: frozen; grouped: the group detaches them
         return y.detach(), [p.grad for lora in loras for p in lora.parameters()] + [x.grad], ops.ops
 
     apart, grouped = run(False), run(True)
