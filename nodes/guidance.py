@@ -69,9 +69,6 @@ def _entry(sine_adapter, source_conditioning, finetuned_weight, start_percent, e
                          None if mask is None else mask.detach().float().clamp(0, 1), outside_weight, mask_feather)
 
 
-entry_weight = guided_prediction.entry_weight  # shared with SINE Sweep
-
-
 _WEIGHT_TOOLTIP = ("Weight of the FINE-TUNED model's prediction (its source prompt) in the conditional mix during the "
                    "window; the base model (edit prompt) gets 1 minus the sum of fine-tuned weights. Paper: 0.3 "
                    "(v = 0.7 on the base). Higher keeps more of the source image, lower follows the edit more.")
@@ -124,7 +121,7 @@ class SineGuider(comfy.samplers.CFGGuider):
         on the CPU, then moved to x's device once."""
         key = (tuple(x.shape), str(x.device))
         if key not in self._weights:
-            weights = [entry_weight(e, tuple(x.shape)) for e in self.entries]
+            weights = [guided_prediction.entry_weight(e, tuple(x.shape)) for e in self.entries]
             try:
                 check_weight_sum(weights)
             except ValueError as e:

@@ -8,7 +8,9 @@ window weighted 0. The step itself is guided_prediction.predict_mixed, shared wi
 from __future__ import annotations
 
 import copy
+import functools
 import inspect
+import logging
 import math
 import uuid
 
@@ -27,8 +29,10 @@ from ..sine_ops.guidance import check_weight_sum, mix_conditional_maps
 from . import guided_prediction as gp
 from . import memory_guard
 from .errors import InputError, SineNodeError, node_errors
+from .model_patching import device_of
 
 NODE = "SINE Sweep"
+log = logging.getLogger("sine")
 ROW_ORDER = ("Rows are prompt-major, then fine-tuned weight, then window end: row = (prompt x n_weights + weight) x "
              "n_ends + end.")
 
@@ -125,14 +129,23 @@ def stacked_positive(guider_positive: list, encoded: list[list], rows: list[sw.S
 # ---- the sampler: the same noise for every row ------------------------------------------------------------------
 def same_noise_per_row(sampler, sampler_name: str, rows: int, x_shape: tuple, sigmas: torch.Tensor, seed: int,
                        device):
-    """`sampler` whose in-sampling noise (ancestral / SDE samplers) is the single-image noise of the seed repeated
-    over the rows, so each row gets what a 1-image run gets. k-diffusion samplers build their noise sampler from x
-    and the seed unless one is given (comfy/k_diffusion/sampling.py @ a125cd84, 0.3.64, and newer): default_noise_
-    sampler, or a BrownianTreeNoiseSampler for the *_sde samplers (cpu=False for the *_gpu ones); built here the
-    same way on one row. Samplers without noise_sampler are deterministic given x and returned as they are."""
+    """`sampler` whose in-sampling noise is the single-image noise of the seed repeated over the rows, so each row
+    gets what a 1-image run gets:
+    - ancestral / SDE samplers: k-diffusion samplers build their noise sampler from x and the seed unless one is
+      given (comfy/k_diffusion/sampling.py @ a125cd84, 0.3.64, and newer): default_noise_sampler, or a
+      BrownianTreeNoiseSampler for the *_sde samplers (cpu=False for the *_gpu ones); built here the same way on
+      one row;
+    - samplers with inpaint_options "random" (ddim): the noise that re-noises the kept region of a latent noise
+      mask (same_inpaint_noise).
+    Other samplers are deterministic given x and returned as they are."""
     fn = getattr(sampler, "sampler_function", None)
-    if rows == 1 or fn is None or "noise_sampler" not in inspect.signature(fn).parameters:
+    if rows == 1 or fn is None:
         return sampler
+    out = copy.copy(sampler)
+    if getattr(sampler, "inpaint_options", {}).get("random", False):
+        out.sampler_function = same_inpaint_noise(fn)
+    if "noise_sampler" not in inspect.signature(fn).parameters:
+        return out
     kd = comfy.k_diffusion.sampling
     one = torch.zeros((1, *x_shape[1:]), dtype=torch.float32, device=device)
     if "sde" in sampler_name and sampler_name != "er_sde":
@@ -141,10 +154,23 @@ def same_noise_per_row(sampler, sampler_name: str, rows: int, x_shape: tuple, si
                                            cpu=not sampler_name.endswith("_gpu"))
     else:
         base = kd.default_noise_sampler(one, seed=seed)
-    out = copy.copy(sampler)
     out.extra_options = {**sampler.extra_options,
                          "noise_sampler": lambda sigma, sigma_next: base(sigma, sigma_next).expand(rows, *x_shape[1:])}
     return out
+
+
+def same_inpaint_noise(sampler_function):
+    """KSAMPLER.sample with inpaint_options "random" (ddim) draws the noise for the kept region of a latent noise
+    mask as randn(batch) from seed + 1 (comfy/samplers.py @ a125cd84, unchanged in newer releases): rows after the
+    first would get other noise than a 1-image run. Each row gets the 1-image draw, made as KSAMPLER makes it."""
+    @functools.wraps(sampler_function)  # keeps its signature: same_noise_per_row reads it
+    def sample(model_k, *args, **kwargs):
+        shape, like = model_k.noise.shape, model_k.noise
+        generator = torch.manual_seed(kwargs.get("extra_args", {}).get("seed", 41) + 1)
+        one = torch.randn((1, *shape[1:]), generator=generator, device="cpu").to(like.dtype).to(like.device)
+        model_k.noise = one.expand(shape)
+        return sampler_function(model_k, *args, **kwargs)
+    return sample
 
 
 def chunk_callback(model, steps: int, pbar, done_steps: int, total: int):
@@ -160,8 +186,7 @@ def chunk_callback(model, steps: int, pbar, done_steps: int, total: int):
 def chunk_rows(model, latent_shape: tuple, rows_per_step: int, n_rows: int, requested: int) -> int:
     """Rows per chunk: `requested`, else as ComfyUI's calc_cond_batch sizes a batch (memory_required * 1.5 <
     free memory; comfy/samplers.py @ a125cd84), counting the model's weights as used when it is not loaded yet."""
-    device = model.load_device
-    free = comfy.model_management.get_free_memory(device)
+    free = comfy.model_management.get_free_memory(device_of(model))
     if not any(getattr(m.model, "model", None) is model.model for m in comfy.model_management.current_loaded_models):
         free -= model.model_size()
     _, *rest = latent_shape
@@ -281,6 +306,8 @@ class SineSweep(io.ComfyNode):
         out = []
         for k, chunk in enumerate(plan):
             comfy.model_management.throw_exception_if_processing_interrupted()
+            if len(plan) > 1:
+                log.info(f"{NODE}: chunk {k + 1}/{len(plan)}: rows {chunk.start + 1}-{chunk.stop} of {len(rows)}")
             part = [rows[i] for i in chunk]
             chunk_positive = None if encoded is None else stacked_positive(positive, encoded, part)
             sampler = same_noise_per_row(comfy.samplers.sampler_object(sampler_name), sampler_name, len(part),

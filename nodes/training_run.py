@@ -9,6 +9,7 @@ share with every other node are only ever copied the way ComfyUI copies them.
 from __future__ import annotations
 
 import copy
+import functools
 import logging
 import time
 from contextlib import contextmanager
@@ -124,6 +125,7 @@ def _keep_stopped(on_stopped: Checkpoint, adapter: SineAdapter) -> None:
 MEANING_SETTINGS = ("method", "layers", "text_encoder")
 LORA_SETTINGS = ("lora_rank", "lora_alpha")
 PATCH_LAYOUT = ("working_size", "train_resolution", "grid_size", "interpolation", "grid_gate")
+_UNRECORDED = object()  # a setting the continue_from file does not record: never equal to this run's
 
 
 def _continue_from(adapter: SineAdapter, start: SineAdapter | None):
@@ -161,11 +163,14 @@ def _layout_text(settings: dict) -> str:
 
 
 def _differing_settings(start: SineAdapter, adapter: SineAdapter) -> list[str]:
-    """'<setting> <as trained> (this run: <now>)' for each meaning-changing setting that differs; settings the
-    file does not record are not compared."""
+    """'<setting> <as trained> (this run: <now>)' for each meaning-changing setting that differs. A file trained by
+    SINE Finetune (it records `method`) that lacks one of them differs in it: what its weights mean is unknown.
+    Files without a method (an imported LoRA) are compared by layer shapes only."""
     was, now = start.settings, adapter.settings
-    names = MEANING_SETTINGS + (LORA_SETTINGS if now.get("method") == "lora" == was.get("method") else ())
-    differing = [f"{k} {was[k]!r} (this run: {now.get(k)!r})" for k in names if k in was and was[k] != now.get(k)]
+    names = () if "method" not in was else \
+        MEANING_SETTINGS + (LORA_SETTINGS if now.get("method") == "lora" == was.get("method") else ())
+    differing = [f"{k} {was.get(k, 'not recorded')!r} (this run: {now.get(k)!r})"
+                 for k in names if was.get(k, _UNRECORDED) != now.get(k)]
     if (start.patch is None) != (adapter.patch is None):
         differing.append(f"patch_config {'connected' if start.patch is not None else 'not connected'} (this run: "
                          f"{'connected' if adapter.patch is not None else 'not connected'})")
@@ -237,6 +242,9 @@ def _prepare(model, clip, vae, image, source_prompt, settings, patch, generator,
     if adapter.text_encoder:
         mp.attach_inplace_guards(train_clip.patcher)
         mp.attach_trainable_weights(train_clip.patcher, views)
+        # its encode trains, outside inference mode, but the load inside the encode must run as ComfyUI's do: on a
+        # small GPU it frees memory by offloading other models (the shared VAE), copies no later node could read
+        train_clip.load_model = functools.partial(comfy_call, train_clip.load_model)
     device = mp.device_of(model)
     return TrainingSetup(data, adapter, train_model, train_clip, tokens, fixed_cond, device,
                          _compute_dtype(settings.precision, device), views, router)
@@ -379,8 +387,8 @@ def _load(s: TrainingSetup, patcher) -> None:
 
 
 def _encode_trained_prompt(s: TrainingSetup) -> tuple:
-    # The encode itself runs with gradients, outside inference mode: the text encoder is loaded before it, so the
-    # load inside it finds it loaded and copies nothing.
+    # The encode itself runs with gradients, outside inference mode; the text encoder is loaded before it, and the
+    # load inside it runs in inference mode (set up in _prepare: train_clip.load_model).
     _load(s, s.clip.patcher)
     cond_entry = s.clip.encode_from_tokens_scheduled(s.tokens)[0]
     # loading the text encoder may have evicted the UNet on a small GPU (a no-op otherwise)

@@ -128,13 +128,6 @@ class LoRA(nn.Module):
             return torch.addmm(weight.flatten(1), up, down, alpha=self.scale).view(weight.shape)
         return weight + (up @ down).mul(self.scale).view(weight.shape)  # e.g. fp16 weights, fp32 LoRA: promoted
 
-    def delta_weight(self) -> torch.Tensor:
-        """(out, in[, kh, kw]) fp32: a 1x1 up conv after the down conv equals one conv with kernel up @ down."""
-        return (self.up.float().flatten(1) @ self.down.float().flatten(1)).reshape(self.weight_shape) * self.scale
-
-    def delta_bias(self) -> None:
-        return None
-
 
 class FullDelta(nn.Module):
     """Dense trainable delta for a full fine-tune of one layer (SINE fine-tunes every UNet/CLIP weight, §2)."""
@@ -156,12 +149,6 @@ class FullDelta(nn.Module):
 
     def add_delta(self, y: torch.Tensor, x: torch.Tensor, weights: tuple) -> torch.Tensor:
         return y.add_(_apply(x, *weights, self.conv))
-
-    def delta_weight(self) -> torch.Tensor:
-        return self.weight.float()
-
-    def delta_bias(self) -> torch.Tensor | None:
-        return None if self.bias is None else self.bias.float()
 
 
 def _rows_of(owner: tuple, adapter_id: int):
@@ -226,10 +213,6 @@ class RowRouter:
         """slice(None) = all rows, a slice of contiguous rows, a LongTensor of scattered rows, or None = no rows."""
         state = self._state.get()
         return slice(None) if state is None else state.rows_of(adapter_id, batch, device)
-
-    def running_root(self) -> nn.Module | None:
-        state = self._state.get()
-        return None if state is None else state.root
 
     @contextmanager
     def route(self, row_owner, root: nn.Module | None = None):

@@ -20,10 +20,9 @@ def mix_conditional(cond_edit: torch.Tensor, cond_finetuned: Sequence[torch.Tens
 
     w_i weights the FINE-TUNED model i (one model: w = 1 - v, v = the paper's pretrained weight). The weights are
     checked once, where they enter (each in [0, 1]: the guider node's inputs; their sum: check_weight_sum when the
-    guider is built and when sampling starts), never here at every step.
+    guider is built and when sampling starts), never here at every step; that outputs and weights pair up is
+    checked by mix_conditional_maps, the entry point the nodes call.
     """
-    if len(cond_finetuned) != len(weights):
-        raise ValueError(f"got {len(cond_finetuned)} fine-tuned outputs and {len(weights)} weights; they must match")
     terms = [(w, c) for c, w in zip(cond_finetuned, weights) if w > 0]
     if not terms:
         return cond_edit  # exact identity: plain CFG outside the window

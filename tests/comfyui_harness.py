@@ -41,6 +41,16 @@ def cached_outputs(executor, node_id: str):
     return getattr(entry, "outputs", entry)
 
 
+def cached_nodes(executor) -> list[str]:
+    """Ids of the nodes whose outputs came from ComfyUI's cache in the executor's last run (its "execution_cached"
+    status message; execution.py sends one per prompt, before running any node)."""
+    cached: list[str] = []
+    for event, data in executor.status_messages:
+        if event == "execution_cached":
+            cached = list(data["nodes"])
+    return cached
+
+
 class WorkflowError(AssertionError):
     """ComfyUI refused (validation) or failed (execution) a workflow; the message is ComfyUI's own text."""
 
@@ -95,9 +105,7 @@ class ComfySession:
             temp=self.work / "temp", extra_sys_path=self.standin_paths, cpu=not torch.cuda.is_available(),
             progress_hook=progress_hook)
         self.nodes = self.headless.nodes
-        self.execution = self.headless.execution
         self.folder_paths = self.headless.folder_paths
-        self.sink = self.headless.sink
         self.executor = self.headless.runner.executor
 
     def reset_node_cache(self) -> None:
@@ -130,6 +138,10 @@ class ComfySession:
     def node_output(self, node_id: str, index: int = 0):
         """The Python object a node of the last run produced on output `index` (from the executor's cache)."""
         return cached_outputs(self.executor, node_id)[index][0]
+
+    def cached_nodes(self) -> list[str]:
+        """Ids of the nodes the last run took from ComfyUI's node cache instead of running them."""
+        return cached_nodes(self.executor)
 
     def run(self, prompt: dict) -> RunResult:
         """Validate then execute an API-format workflow; raises WorkflowError with ComfyUI's error text."""

@@ -1,4 +1,4 @@
-"""CPU emulation of a GPU's weight copies, for the ComfyUI tier (DEVELOPERS.md, Testing 3; issue 18).
+"""CPU emulation of a GPU's weight copies, for the ComfyUI tier (docs/development.md, Tests; issue 18).
 
 On CUDA every load and offload of a model copies each weight (`param.data = param.to(device)`), and the mode the
 copy is made in decides whether the weight still works afterwards (../shared/repro/inference_tensor_move.py). On a

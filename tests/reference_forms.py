@@ -1,5 +1,6 @@
-"""Reference forms used only by the tests and benchmarks: the paper's formulas written out, a merged-weight LoRA,
-and SD's DDPM schedule with ComfyUI's model_sampling interface (inside ComfyUI the model's own is used)."""
+"""Reference forms used only by the tests and benchmarks: the paper's formulas written out, the adapters' deltas in
+weight space and the merged weights they give, and SD's DDPM schedule with ComfyUI's model_sampling interface
+(inside ComfyUI the model's own is used)."""
 from __future__ import annotations
 
 from typing import Sequence
@@ -25,16 +26,39 @@ def paper_window(K: int) -> tuple[float, float]:
     return 0.0, 1.0 - K / 1000
 
 
+def lora_delta_weight(lora: LoRA) -> torch.Tensor:
+    """(out, in[, kh, kw]) fp32: a 1x1 up conv after the down conv equals one conv with kernel up @ down."""
+    return (lora.up.float().flatten(1) @ lora.down.float().flatten(1)).reshape(lora.weight_shape) * lora.scale
+
+
+def delta_weight(adapter: LoRA | FullDelta) -> torch.Tensor:
+    """The weight-space delta the adapter adds to its layer's weight, fp32 (a FullDelta's is its weight)."""
+    if isinstance(adapter, LoRA):
+        return lora_delta_weight(adapter)
+    if isinstance(adapter, FullDelta):
+        return adapter.weight.float()
+    raise TypeError(f"not an adapter: {type(adapter).__name__}")
+
+
+def delta_bias(adapter: LoRA | FullDelta) -> torch.Tensor | None:
+    """The bias delta, fp32; None for a LoRA and for a FullDelta of a layer without bias."""
+    if isinstance(adapter, LoRA):
+        return None
+    if isinstance(adapter, FullDelta):
+        return None if adapter.bias is None else adapter.bias.float()
+    raise TypeError(f"not an adapter: {type(adapter).__name__}")
+
+
 @torch.no_grad()
 def merged_weight(weight: torch.Tensor, adapter: LoRA | FullDelta) -> torch.Tensor:
     """New tensor weight + delta, summed in fp32 so low-precision base weights lose no more than one rounding."""
-    return (weight.float() + adapter.delta_weight().to(weight.device)).to(weight.dtype)
+    return (weight.float() + delta_weight(adapter).to(weight.device)).to(weight.dtype)
 
 
 @torch.no_grad()
 def merged_bias(bias: torch.Tensor | None, adapter: LoRA | FullDelta) -> torch.Tensor | None:
     """New tensor bias + bias delta; the input itself when the adapter has no bias delta (LoRA)."""
-    delta = adapter.delta_bias()
+    delta = delta_bias(adapter)
     if delta is None:
         return bias
     if bias is None:

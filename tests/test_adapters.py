@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from reference_forms import merged_bias, merged_weight
+from reference_forms import delta_weight, merged_bias, merged_weight
 from sine_ops.adapters import AdaptedForward, FullDelta, LoRA, RowRouter, adaptable_layers, conv_spec
 
 
@@ -78,7 +78,7 @@ def test_merged_weight_keeps_dtype():
     half = layer.weight.detach().to(torch.bfloat16)
     out = merged_weight(half, adapter)
     assert out.dtype == torch.bfloat16
-    expected = (half.float() + adapter.delta_weight()).to(torch.bfloat16)
+    expected = (half.float() + delta_weight(adapter)).to(torch.bfloat16)
     assert torch.equal(out, expected)
 
 

@@ -16,7 +16,7 @@ sys.path.append(str(Path(__file__).resolve().parent.parent / "workflows"))
 
 from comfy_runtime import (CLASSIC_CACHE_ARGS, ExecutionError, MessageSink, PromptRunner,  # noqa: E402
                            ValidationError, make_executor)
-from comfyui_harness import cached_outputs  # noqa: E402  (the tests' reading of the executor's node cache)
+from comfyui_harness import cached_nodes, cached_outputs  # noqa: E402  (the tests' reading of the executor)
 
 CacheEntry = namedtuple("CacheEntry", "ui outputs")  # the shape of newer ComfyUI's execution.CacheEntry
 
@@ -116,7 +116,7 @@ def test_validate_and_execute_on_each_api_form(executor_class, validate_is_async
     assert outputs == ["save"] and prompt_id
     result = r.execute(PROMPT, prompt_id, outputs)
     assert result.outputs["save"]["images"][0]["filename"] == "a.png"
-    assert result.cached == ["ckpt"] and r.server.messages == [("executed", {"node": "save"})]
+    assert cached_nodes(r.executor) == ["ckpt"] and r.server.messages == [("executed", {"node": "save"})]
     assert r.server.last_prompt_id == prompt_id
 
 

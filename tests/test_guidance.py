@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from reference_forms import paper_window, sine_guidance
-from sine_ops.guidance import check_weight_sum, mix_conditional, window_active
+from sine_ops.guidance import check_weight_sum, mix_conditional, mix_conditional_maps, window_active
 
 
 @pytest.fixture
@@ -42,11 +42,12 @@ def test_window_off_or_zero_weight_is_plain_cfg(preds):
 
 
 def test_invalid_weights(preds):
-    # mix_conditional runs at every step: it checks only that outputs and weights pair up. The range of each
-    # weight is checked where it enters (the guider node's inputs), the sum once per run (check_weight_sum).
+    # the mix runs at every step: its entry point (mix_conditional_maps) checks only that outputs and weights pair
+    # up. The range of each weight is checked where it enters (the guider node's inputs), the sum once per run
+    # (check_weight_sum).
     e_u, e_c, e_ft1, e_ft2 = preds
     with pytest.raises(ValueError, match="must match"):
-        mix_conditional(e_c, [e_ft1], [0.3, 0.3])
+        mix_conditional_maps(e_c, [e_ft1], [0.3, 0.3])
     with pytest.raises(ValueError, match="sum to 1.200 > 1, which"):
         check_weight_sum([0.6, 0.6])
     # float slack: UI step rounding can give 0.4 + 0.6000000000000001 = 1.0000000000000002

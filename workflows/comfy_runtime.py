@@ -16,7 +16,7 @@ import shutil
 import sys
 import tempfile
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -88,8 +88,7 @@ class MessageSink:
 
 @dataclass
 class RunResult:
-    outputs: dict                      # node id -> ui output dict (e.g. {"images": [...]})
-    cached: list = field(default_factory=list)  # ids of the nodes whose outputs came from ComfyUI's cache
+    outputs: dict  # node id -> ui output dict (e.g. {"images": [...]})
 
 
 # ---- ComfyUI's executor, old and new --------------------------------------------------------------------------------
@@ -152,9 +151,6 @@ class PromptRunner:
     def _result(self) -> RunResult:
         ex = self.executor
         result = RunResult(outputs=ex.history_result["outputs"])
-        for event, data in ex.status_messages:
-            if event == "execution_cached":
-                result.cached = list(data["nodes"])
         failures = [(e, d) for e, d in ex.status_messages if e in ("execution_error", "execution_interrupted")]
         if failures or not ex.success:
             raise ExecutionError(*(failures[-1] if failures else ("execution_failed", ex.status_messages)))
@@ -227,9 +223,7 @@ class Headless:
 
         comfy.utils.set_progress_bar_global_hook(_with_executing_ids(progress_hook or honour_cancel))
         self.nodes = nodes
-        self.execution = execution
-        self.sink = MessageSink()
-        self.runner = PromptRunner(execution, self.sink, comfy.model_management.InterruptProcessingException)
+        self.runner = PromptRunner(execution, MessageSink(), comfy.model_management.InterruptProcessingException)
 
     def _cleanup(self):
         link = self.custom_nodes / PACK_DIR_NAME

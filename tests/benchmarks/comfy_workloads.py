@@ -3,8 +3,8 @@
 Only stable interfaces: ComfyUI started by tests/comfyui_harness.py with this pack loaded, the random-weight
 fixtures of tests/comfyui_fixtures.py, nodes looked up by node id in ComfyUI's NODE_CLASS_MAPPINGS (this pack's
 SINE_* nodes and ComfyUI's own), ComfyUI's model management, and ComfyUI's model API (apply_model). Of the pack's
-internals only the way SINE Finetune makes the UNet trainable is used (BareUNet: one way for the pack and its
-benchmarks); the others are free to change.
+internals only the way SINE Finetune makes the UNet trainable (and, when asked, gradient-checkpointed) is used
+(BareUNet: one way for the pack and its benchmarks); the others are free to change.
 """
 from __future__ import annotations
 
@@ -22,16 +22,23 @@ if str(TESTS.parent) not in sys.path:
     sys.path.append(str(TESTS.parent))  # appended: ComfyUI's own top-level `nodes` must win over the pack's nodes/
 
 FIXTURE_SEED = 1234
+SDXL_FIXTURE_SEED = 4321  # the seed tests/comfyui/test_sdxl.py builds with: both share one 7 GB build in the cache
+FAMILIES = ("sd15", "sdxl")
 PROMPT = "photo of a sks dog"
 EDIT = "photo of a dog wearing a superhero cape"
 
 
-def start(work: Path, vram_flag: str | None = None):
+def start(work: Path, vram_flag: str | None = None, family: str = "sd15"):
     """(ComfySession, fixture names). vram_flag: a ComfyUI VRAM argument ("lowvram", "novram", ...) set as if
     given on ComfyUI's command line; it must be set before ComfyUI imports comfy.model_management, i.e. here,
-    once per process."""
+    once per process. family: which fixture checkpoint fx["checkpoint"] names (load_checkpoint loads it):
+    "sd15" (the SD1.5-architecture fixture, ~4 GB) or "sdxl" (the opt-in random-weight SDXL fixture of
+    tests/comfyui_fixtures.py, ensure_sdxl_checkpoint: 7 GB fp16, ~15 GB RAM to build on first use). The other
+    fixtures (source image, ...) are the SD1.5 set in both cases."""
     from comfyui_harness import ComfySession, find_comfyui
-    from comfyui_fixtures import ensure_fixtures
+    from comfyui_fixtures import ensure_fixtures, ensure_sdxl_checkpoint
+    if family not in FAMILIES:
+        raise ValueError(f"family {family!r}: choose from {', '.join(FAMILIES)}")
     root = find_comfyui()
     if root is None:
         sys.exit("ComfyUI not found: set COMFYUI_PATH to a ComfyUI checkout (e.g. /work/shared/comfyui)")
@@ -47,8 +54,10 @@ def start(work: Path, vram_flag: str | None = None):
     s = ComfySession(root, Path(work))
     if not s.pack_load_ok:
         sys.exit("ComfyUI did not load the SINE pack (see the log above)")
-    fx = ensure_fixtures(s.work / "models", s.work / "input", FIXTURE_SEED,
-                         importlib.import_module("comfyui_version").__version__)
+    version = importlib.import_module("comfyui_version").__version__
+    fx = ensure_fixtures(s.work / "models", s.work / "input", FIXTURE_SEED, version)
+    if family == "sdxl":
+        fx = dict(fx, checkpoint=ensure_sdxl_checkpoint(s.work / "models", SDXL_FIXTURE_SEED, version))
     return s, fx
 
 
@@ -117,7 +126,7 @@ def clear_sine_cache() -> None:
 
 
 def load_checkpoint(fx: dict):
-    """(MODEL, CLIP, VAE) of the fixture checkpoint through ComfyUI's CheckpointLoaderSimple."""
+    """(MODEL, CLIP, VAE) of the fixture checkpoint (start's family) through ComfyUI's CheckpointLoaderSimple."""
     return call_node("CheckpointLoaderSimple", ckpt_name=fx["checkpoint"])[:3]
 
 
@@ -130,14 +139,17 @@ def encode_text(clip, text: str):
 
 
 def sine_finetune(model, clip, vae, image, *, steps: int, resolution: int, seed: int, precision: str = "auto",
-                  rank: int = 16, layers: str = "attention", lr: float = 1e-4, patch_config=None) -> tuple:
+                  rank: int = 16, layers: str = "attention", lr: float = 1e-4, patch_config=None,
+                  gradient_checkpointing: bool = False) -> tuple:
     """SINE_Finetune (LoRA) -> its outputs: 0 model, 1 clip, 2 source_conditioning, 3 sine_adapter, then more
-    (loss_curve, ...). Index them (workflows link outputs by index; new outputs are appended), never unpack."""
+    (loss_curve, ...). Index them (workflows link outputs by index; new outputs are appended), never unpack.
+    gradient_checkpointing: the node's input of that name (UNet input/output blocks recomputed in the backward)."""
     extra = {} if patch_config is None else {"patch_config": patch_config}
     return call_node("SINE_Finetune", model=model, clip=clip, vae=vae, image=image, source_prompt=PROMPT,
                      preset="custom", steps=steps, learning_rate=lr, seed=seed, method="lora", lora_rank=rank,
                      lora_alpha=float(rank), layers=layers, text_encoder="off", precision=precision,
-                     gradient_checkpointing=False, resize="stretch", resolution=resolution, **extra)
+                     gradient_checkpointing=gradient_checkpointing, resize="stretch", resolution=resolution,
+                     **extra)
 
 
 def edit_setup(work: Path) -> dict:
@@ -190,9 +202,16 @@ class BareUNet:
     training step on this model. It runs the way SINE Finetune runs the UNet (the pack's own
     nodes.model_patching.attach_trainable_weights on a clone, loaded in inference mode by
     nodes.training_run.comfy_call), so the two differ only by what SINE adds; the MODEL itself is not modified.
-    autocast: e.g. torch.bfloat16 on CUDA, None = off."""
+    autocast: e.g. torch.bfloat16 on CUDA, None = off.
 
-    def __init__(self, session, model, cond, size: int, autocast=None):
+    Models with size/pooled conditioning (SDXL): the `y` input is made once here by ComfyUI's model
+    (encode_adm: the CONDITIONING's pooled_output, width = height = size, no crop), as SINE Finetune makes it once
+    per latent shape; for SD1.5 there is none and the call is the same as before. gradient_checkpointing: the
+    pack's own nodes.model_patching.attach_gradient_checkpointing on the clone, as SINE_Finetune with
+    gradient_checkpointing on (every UNet input and output block recomputed in the backward pass; the middle
+    block is not)."""
+
+    def __init__(self, session, model, cond, size: int, autocast=None, gradient_checkpointing: bool = False):
         import torch
         import comfy.model_management as mm
         patching, training_run = session.pack_module("nodes.model_patching"), session.pack_module("nodes.training_run")
@@ -201,9 +220,15 @@ class BareUNet:
         with torch.inference_mode(False):
             self.model = model.clone()
             patching.attach_trainable_weights(self.model, patching.WeightViews(), "diffusion_model.")
+            if gradient_checkpointing:
+                patching.attach_gradient_checkpointing(self.model)
             training_run.comfy_call(mm.load_models_gpu, [self.model], force_full_load=True)
             self.device = mm.get_torch_device()
             self.cond = cond[0][0].clone().to(self.device)  # CONDITIONING: [[tensor, extras], ...]
+            pooled = cond[0][1].get("pooled_output")
+            adm = self.model.model.encode_adm(pooled_output=None if pooled is None else pooled.clone(),
+                                              width=size, height=size, device=self.device)
+            self.extra = {} if adm is None else {"y": adm.to(self.device)}
 
     def step(self) -> None:
         torch = self.torch
@@ -211,11 +236,11 @@ class BareUNet:
             x = torch.randn(1, 4, self.latent, self.latent, device=self.device, requires_grad=True)
             sigma = torch.tensor([5.0], device=self.device)
             with torch.autocast(self.device.type, dtype=self.autocast, enabled=self.autocast is not None):
-                out = self.model.model.apply_model(x, sigma, c_crossattn=self.cond)
+                out = self.model.model.apply_model(x, sigma, c_crossattn=self.cond, **self.extra)
             out.float().pow(2).mean().backward()
 
     def close(self) -> None:
-        self.model = self.cond = None
+        self.model = self.cond = self.extra = None
 
 
 def vae_decode(vae, latent: dict):

@@ -7,6 +7,7 @@ SINE Finetune, two fine-tunes, sampling then "Unload Models" then a fine-tune, t
 move copying, under normal VRAM and --lowvram (models loaded in part), and check that each prompt succeeds, gives
 finite results, and trains what a run without the emulation trains.
 """
+import pytest
 import torch
 
 import device_moves as emulation
@@ -59,24 +60,40 @@ def unload_models_button(comfy):
 def test_stock_nodes_after_finetune(comfy, fixtures, device_moves):
     comfy.run(stock_nodes_after(finetune(fixtures, seed=80)))
     assert torch.isfinite(decoded(comfy)).all()
+    # the stock nodes alone in the next prompt, on the same (cached) checkpoint objects the fine-tune used: so they
+    # surely run after it, whatever order ComfyUI chose inside the first prompt
+    stock = stock_nodes_after({"ckpt": finetune(fixtures, seed=80)["ckpt"]})
+    stock["stock_sample"]["inputs"]["seed"] = 2
+    comfy.run(stock)
+    assert torch.isfinite(decoded(comfy)).all()
     # and once more in a new prompt, after the fine-tune's models were offloaded and reloaded
     comfy.reset_node_cache()
     comfy.run(stock_nodes_after(finetune(fixtures, seed=81)))
     assert torch.isfinite(decoded(comfy)).all()
 
 
-def test_finetune_then_finetune(comfy, fixtures, device_moves):
-    comfy.run(finetune(fixtures, seed=82))
-    comfy.run(finetune(fixtures, seed=83, text_encoder="lora"))
+@pytest.fixture(params=["normal", "lowvram"])
+def vram_moves(request) -> int:
+    """The test under the emulation of a normal-VRAM GPU, then of a --lowvram one; gives a seed offset per mode (the
+    same inputs twice would give ComfyUI's cached node outputs, not a second run)."""
+    request.getfixturevalue("device_moves" if request.param == "normal" else "device_moves_lowvram")
+    return 0 if request.param == "normal" else 100
+
+
+def test_finetune_then_finetune(comfy, fixtures, vram_moves):
+    comfy.run(finetune(fixtures, seed=82 + vram_moves))
+    # the second trains the text encoder too; then the stock CLIPTextEncode, KSampler and VAE nodes
+    comfy.run(stock_nodes_after(finetune(fixtures, seed=83 + vram_moves, text_encoder="lora")))
     assert comfy.node_output("finetune", 3).text_encoder
+    assert torch.isfinite(decoded(comfy)).all()
 
 
-def test_sample_unload_all_then_finetune(comfy, fixtures, device_moves):
-    comfy.run(txt2img(fixtures["checkpoint"], "a dog", seed=1, size=SIZE, steps=2))
+def test_sample_unload_all_then_finetune(comfy, fixtures, vram_moves):
+    comfy.run(txt2img(fixtures["checkpoint"], "a dog", seed=1 + vram_moves, size=SIZE, steps=2))
     unload_models_button(comfy)
-    comfy.run(finetune(fixtures, seed=84))
+    comfy.run(finetune(fixtures, seed=84 + vram_moves))
     unload_models_button(comfy)
-    comfy.run(stock_nodes_after(finetune(fixtures, seed=85)))
+    comfy.run(stock_nodes_after(finetune(fixtures, seed=85 + vram_moves)))
     assert torch.isfinite(decoded(comfy)).all()
 
 

@@ -165,6 +165,26 @@ def test_5_continue_from_refuses_settings_that_change_what_the_weights_mean(comf
     expect_error(comfy, g, "SINE Finetune", "input 'continue_from'", named)
 
 
+def test_5_continue_from_a_file_that_does_not_record_a_setting_is_refused(comfy, fixtures):
+    """A SINE-trained file without lora_alpha (as an older save could be): what its weights mean is unknown, so it
+    is refused rather than continued under this run's value."""
+    from dataclasses import replace
+    folder = loras(comfy) / "hostile"
+    g = graph(fixtures, steps=2, seed=2113, disk_cache=False)
+    g["save"] = {"class_type": "SINE_SaveAdapter", "inputs": {"sine_adapter": ["finetune", 3],
+                                                              "filename": "hostile/alpha_source", "overwrite": True}}
+    comfy.run(g)
+    adapter_file = comfy.pack_module("sine_ops.adapter_file")
+    adapter, _ = adapter_file.load_adapter_file(str(folder / "alpha_source.safetensors"))
+    settings = {k: v for k, v in adapter.settings.items() if k != "lora_alpha"}
+    adapter_file.save_adapter_file(replace(adapter, settings=settings), str(folder / "no_alpha.safetensors"))
+    comfy.folder_paths.filename_list_cache.clear()
+    cont = graph(fixtures, steps=4, seed=2114, disk_cache=False)
+    cont["load"] = {"class_type": "SINE_LoadAdapter", "inputs": {"adapter_name": "hostile/no_alpha.safetensors"}}
+    cont["finetune"]["inputs"]["continue_from"] = ["load", 0]
+    expect_error(comfy, cont, "SINE Finetune", "input 'continue_from'", "lora_alpha 'not recorded'")
+
+
 # ---- 7: the pack's own file loads cleanly everywhere it is offered --------------------------------------------------
 def test_7_a_saved_adapter_loads_in_the_lora_node_and_the_stock_loraloader_and_keeps_its_optimizer_state(
         comfy, fixtures, caplog):
@@ -220,16 +240,19 @@ def test_8_damaged_files_malformed_optimizer_state_and_a_save_name_through_a_fil
                                                               "filename": "hostile/resumable", "overwrite": True}}
     comfy.run(g)
     adapter_file = comfy.pack_module("sine_ops.adapter_file")
-    adapter, _ = adapter_file.load_adapter_file(str(folder / "resumable.safetensors"))
-    first, second = list(adapter.optimizer_state.values())[:2]
-    first["exp_avg"] = torch.zeros(3)  # before: a raw size-mismatch RuntimeError
-    del second["step"]  # before: KeyError: 'step'
-    adapter_file.save_adapter_file(adapter, str(folder / "malformed.safetensors"))
-    comfy.folder_paths.filename_list_cache.clear()
-    cont = graph(fixtures, steps=4, seed=2111, disk_cache=False)  # another run: continue_from is what it starts from
-    cont["load"] = {"class_type": "SINE_LoadAdapter", "inputs": {"adapter_name": "hostile/malformed.safetensors"}}
-    cont["finetune"]["inputs"]["continue_from"] = ["load", 0]
-    expect_error(comfy, cont, "SINE Finetune", "input 'continue_from'", "optimizer state", "malformed")
+    # each malformation in its own file: the check stops at the first bad parameter
+    for label, corrupt, what in (("shape", lambda state: state.update(exp_avg=torch.zeros(3)), "exp_avg of the "
+                                  "wrong shape"),  # before: a raw size-mismatch RuntimeError
+                                 ("step", lambda state: state.pop("step"), "missing step")):  # before: KeyError
+        adapter, _ = adapter_file.load_adapter_file(str(folder / "resumable.safetensors"))
+        corrupt(next(iter(adapter.optimizer_state.values())))
+        adapter_file.save_adapter_file(adapter, str(folder / f"malformed_{label}.safetensors"))
+        comfy.folder_paths.filename_list_cache.clear()
+        cont = graph(fixtures, steps=4, seed=2111, disk_cache=False)  # another run: continue_from is its start
+        cont["load"] = {"class_type": "SINE_LoadAdapter",
+                        "inputs": {"adapter_name": f"hostile/malformed_{label}.safetensors"}}
+        cont["finetune"]["inputs"]["continue_from"] = ["load", 0]
+        expect_error(comfy, cont, "SINE Finetune", "input 'continue_from'", "optimizer state", "malformed", what)
 
     (folder / "a_file").write_bytes(b"not a folder")
     through = graph(fixtures, steps=2, seed=2110, disk_cache=False)

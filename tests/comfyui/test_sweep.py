@@ -162,3 +162,46 @@ def test_cancel_stops_the_sweep(comfy, fixtures, nodes):
     assert max(v for v, _, node in comfy.progress if node == "sweep") < 16  # stopped early: not all 4 chunks ran
     comfy.run(sweep_graph(fixtures, nodes, weights="0.3", ends="0.6", seed=22))  # the next run works
     assert comfy.node_output("sweep", 0)["samples"].shape[0] == 1
+
+
+def test_chunk_size_follows_free_memory(comfy, fixtures, monkeypatch):
+    """rows_per_chunk 0: the most rows whose batch (3 per row here) fits free memory by ComfyUI's own rule for its
+    batches (memory_required x 1.5 < free), with the real model's memory estimate."""
+    import comfy.model_management as mm
+    sweep = comfy.pack_module("nodes.sweep")
+    comfy.run({"ckpt": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": fixtures["checkpoint"]}},
+               "show": {"class_type": "PreviewAny", "inputs": {"source": ["ckpt", 0]}}})
+    model = comfy.node_output("ckpt", 0)
+    mm.load_models_gpu([model])  # loaded: its weights are not counted against the free memory again
+    shape = (1, 4, 8, 8)
+
+    def needed(rows):
+        return model.model.memory_required([rows * 3, *shape[1:]]) * 1.5
+    for room in (1, 2, 3, 4):
+        budget = (needed(room) + needed(room + 1)) / 2  # room for `room` rows, not one more
+        monkeypatch.setattr(mm, "get_free_memory", lambda *args, **kwargs: budget)
+        assert sweep.chunk_rows(model, shape, 3, 4, 0) == room
+    assert sweep.chunk_rows(model, shape, 3, 4, 2) == 2  # a size the user set is kept
+
+
+def noise_masked(g, node):
+    """A latent noise mask (left half re-generated, right half kept) on `node`'s latent_image."""
+    g["keep"] = {"class_type": "SolidMask", "inputs": {"value": 0.0, "width": 64, "height": 64}}
+    g["left"] = {"class_type": "SolidMask", "inputs": {"value": 1.0, "width": 32, "height": 64}}
+    g["mask"] = {"class_type": "MaskComposite", "inputs": {"destination": ["keep", 0], "source": ["left", 0],
+                                                           "x": 0, "y": 0, "operation": "add"}}
+    g["masked"] = {"class_type": "SetLatentNoiseMask", "inputs": {"samples": ["latent", 0], "mask": ["mask", 0]}}
+    g[node]["inputs"]["latent_image"] = ["masked", 0]
+    return g
+
+
+def test_ddim_rows_with_a_latent_noise_mask_equal_single_runs(comfy, fixtures, nodes):
+    """ddim re-noises the kept region of a noise mask with noise ComfyUI draws for the whole batch: every row gets
+    the 1-image draw (nodes/sweep.same_inpaint_noise), so rows after the first equal their single runs too."""
+    kw = dict(sampler="ddim", scheduler="ddim_uniform", seed=13)
+    comfy.run(noise_masked(sweep_graph(fixtures, nodes, weights="0.3, 0.5", ends="0.6", **kw), "sweep"))
+    rows = comfy.node_output("sweep", 0)["samples"]
+    for i, w in enumerate((0.3, 0.5)):
+        ref = run_latent(comfy, noise_masked(sine_sample_graph(fixtures["checkpoint"], nodes, edit=EDIT, steps=4,
+                                                               weight=w, end=0.6, **kw), "sample"))
+        assert rel_diff(rows[i:i + 1], ref) < REL, (w, rel_diff(rows[i:i + 1], ref))

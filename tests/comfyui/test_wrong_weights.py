@@ -120,22 +120,40 @@ def test_finetune_after_a_lora_prompt_under_device_moves(comfy, fixtures, strong
     check_after_lora_prompts(comfy, fixtures)
 
 
-def check_cache_key_after_a_lora_prompt(comfy, fixtures, seed):
+def lora_finetune(fixtures, seed):
+    """SINE Finetune on the LoRA-patched MODEL with the same settings (cached too, under its own key)."""
+    g = with_lora(graph(fixtures, model=("lora", 0), seed=seed))
+    g["finetune"]["inputs"]["disk_cache"] = True
+    return g
+
+
+def check_cache_key_after_a_lora_prompt(comfy, fixtures, seed, earlier):
     """The disk-cache key digests the checkpoint's weights: read while a LoRA prompt's patches are still on them,
-    the plain MODEL got another key, so its cached fine-tune was missed (and retrained)."""
+    the plain MODEL got another key, so its cached fine-tune was missed (and retrained). After a fine-tune on the
+    LoRA MODEL with the same settings, the plain MODEL must find its own entry, not the LoRA run's."""
     g = graph(fixtures, seed=seed)
     g["finetune"]["inputs"]["disk_cache"] = True
     first = fresh_run(comfy, g, clean=True)
     assert [v for v, t, _ in comfy.progress if t == 3], "the first run did not train"
-    comfy.run(lora_ksampler(fixtures))
+    if earlier == "lora_ksampler":
+        comfy.run(lora_ksampler(fixtures))
+    else:
+        on_lora = fresh_run(comfy, lora_finetune(fixtures, seed))
+        assert [v for v, t, _ in comfy.progress if t == 3], "the LoRA fine-tune reused the plain one's entry"
+        assert max_difference(on_lora, first) > 1e-4, "the LoRA does not change training: no test"
     again = fresh_run(comfy, g)
     assert not [v for v, t, _ in comfy.progress if t == 3], "the cached fine-tune was not found after a LoRA prompt"
     assert max_difference(again, first) == 0
 
 
-def test_the_cache_key_reads_the_unpatched_weights(comfy, fixtures, strong_lora):
-    check_cache_key_after_a_lora_prompt(comfy, fixtures, seed=2121)
+@pytest.mark.parametrize("earlier", ["lora_ksampler", "lora_finetune"])
+def test_the_cache_key_reads_the_unpatched_weights(comfy, fixtures, strong_lora, earlier):
+    check_cache_key_after_a_lora_prompt(comfy, fixtures, seed={"lora_ksampler": 2121, "lora_finetune": 2123}[earlier],
+                                        earlier=earlier)
 
 
-def test_the_cache_key_reads_the_unpatched_weights_under_device_moves(comfy, fixtures, strong_lora, device_moves):
-    check_cache_key_after_a_lora_prompt(comfy, fixtures, seed=2122)
+@pytest.mark.parametrize("earlier", ["lora_ksampler", "lora_finetune"])
+def test_the_cache_key_reads_the_unpatched_weights_under_device_moves(comfy, fixtures, strong_lora, device_moves,
+                                                                     earlier):
+    check_cache_key_after_a_lora_prompt(comfy, fixtures, seed={"lora_ksampler": 2122, "lora_finetune": 2124}[earlier],
+                                        earlier=earlier)

@@ -2,6 +2,7 @@
 
     COMFYUI_PATH=/path/to/ComfyUI python tests/gpu/gpu_check.py [--repeats 3] [--modes normal,lowvram]
     COMFYUI_PATH=/path/to/ComfyUI python tests/gpu/gpu_check.py --smoke      # tiny, CPU: exercises the code only
+    COMFYUI_PATH=/path/to/ComfyUI python tests/gpu/gpu_check.py --family sdxl --modes normal   # SDXL, 1024x1024
 
 Phases, all on the random-weight SD1.5-architecture fixture checkpoint (tests/comfyui_fixtures.py), 512x512, in
 the order users meet the nodes (a plain render first, then the fine-tune, then SINE sampling):
@@ -24,6 +25,17 @@ call), and the phase's wall time (loading and set-up included).
 ComfyUI's --lowvram is a process-level argument, so every measurement runs in a child process of one mode, and
 the children are interleaved: normal, lowvram, normal, lowvram, ... (--repeats rounds). Inside a child the
 phases run once as warm-up and once measured. min / median / spread (max - min) are over the rounds.
+
+--family sdxl (default sd15; issue 19's SDXL goal): the same phases on the opt-in random-weight SDXL fixture
+checkpoint (tests/comfyui_fixtures.py ensure_sdxl_checkpoint, seed 4321 as tests/comfyui/test_sdxl.py: 7 GB fp16,
+~15 GB RAM to build, built by the first child on first use), at 1024x1024 (--size still overrides; --smoke stays
+64 px), with SINE_Finetune's gradient_checkpointing input on in every fine-tune (finetune, user_flow and the
+set-up adapter). bare_unet stays comparable: it checkpoints the same way, with the pack's own
+attach_gradient_checkpointing (every UNet input and output block recomputed in the backward pass, the middle block
+not), and passes SDXL's size/pooled conditioning `y` made once by ComfyUI's model (encode_adm, width = height =
+--size, no crop), as SINE Finetune makes it once per latent shape. The report adds the finetune phase's peak VRAM
+(max over rounds, per mode) against issue 19's SDXL target, <= 12288 MiB (12 GB), as met / not met. Not run on a
+GPU yet.
 """
 from __future__ import annotations
 
@@ -42,6 +54,10 @@ sys.path.insert(0, str(HERE.parent / "benchmarks"))
 import timing  # noqa: E402  (tests/benchmarks/timing.py: the one timing helper)
 
 MODE_FLAGS = {"normal": None, "lowvram": "lowvram", "novram": "novram"}
+FAMILIES = ("sd15", "sdxl")  # as comfy_workloads.FAMILIES (not imported here: the parent imports no ComfyUI)
+DEFAULT_SIZE = {"sd15": 512, "sdxl": 1024}
+FIXTURE_NAME = {"sd15": "SD1.5-architecture random-weight fixture", "sdxl": "SDXL-architecture random-weight fixture"}
+SDXL_FINETUNE_TARGET_MIB = 12288  # issue 19: peak VRAM of an SDXL LoRA fine-tune <= 12 GB
 PHASES = ("ksampler", "finetune", "sine_sampling", "sine_sweep8", "bare_unet", "vae_encode", "user_flow")
 UNITS = {"finetune": "step", "sine_sampling": "step", "sine_sweep8": "step", "ksampler": "step", "bare_unet": "step",
          "vae_encode": "encode", "user_flow": "flow"}
@@ -51,7 +67,10 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--smoke", action="store_true",
                    help="tiny run on the CPU (64 px, 3 steps; CUDA hidden) that only exercises the code paths")
-    p.add_argument("--size", type=int, help="image side in px (default 512; --smoke 64)")
+    p.add_argument("--family", default="sd15", choices=FAMILIES,
+                   help="fixture checkpoint: sd15 (default) or sdxl (7 GB random-weight SDXL fixture, ~15 GB RAM "
+                        "to build; 1024 px and gradient checkpointing in the fine-tunes and bare_unet)")
+    p.add_argument("--size", type=int, help="image side in px (default 512, --family sdxl 1024; --smoke 64)")
     p.add_argument("--train-steps", type=int, help="SINE Finetune steps per run (default 20; --smoke 3)")
     p.add_argument("--sample-steps", type=int, help="sampling steps (default 20; --smoke 3)")
     p.add_argument("--loop", type=int, help="timed bare_unet steps / VAE encodes per round (default 10; --smoke 2)")
@@ -66,7 +85,8 @@ def parse_args(argv=None):
     p.add_argument("--child-timeout", type=int, default=900, help="seconds before a child process is stopped")
     p.add_argument("--child", help=argparse.SUPPRESS)  # MODE:ROUND, internal
     a = p.parse_args(argv)
-    for name, full, smoke in (("size", 512, 64), ("train_steps", 20, 3), ("sample_steps", 20, 3), ("loop", 10, 2)):
+    for name, full, smoke in (("size", DEFAULT_SIZE[a.family], 64), ("train_steps", 20, 3), ("sample_steps", 20, 3),
+                              ("loop", 10, 2)):
         if getattr(a, name) is None:
             setattr(a, name, smoke if a.smoke else full)
     if a.train_steps < 3 or a.sample_steps < 3 or a.loop < 1:
@@ -74,6 +94,7 @@ def parse_args(argv=None):
                 "--loop at least 1")
     if a.size % 64:
         p.error("--size must be a multiple of 64")
+    a.gradient_checkpointing = a.family == "sdxl"  # SINE_Finetune's input of that name, and bare_unet's
     a.mode_list = [m.strip() for m in a.modes.split(",") if m.strip()]
     bad = [m for m in a.mode_list if m not in MODE_FLAGS]
     if bad or not a.mode_list:
@@ -87,7 +108,7 @@ def child(a) -> dict:
     mode, rnd = a.child.split(":")
     rnd = int(rnd)
     import comfy_workloads as w
-    s, fx = w.start(Path(a.work) / mode, MODE_FLAGS[mode])
+    s, fx = w.start(Path(a.work) / mode, MODE_FLAGS[mode], family=a.family)
     import comfy.model_management as mm
     cuda = torch.cuda.is_available()
     if not a.smoke and (not cuda or w.device().type != "cuda"):
@@ -104,7 +125,7 @@ def child(a) -> dict:
                                sampler=a.sampler, scheduler=a.scheduler))
     # the adapter the sampling phases guide with (its values do not change the cost; 64 px keeps set-up short)
     ft = w.sine_finetune(model, clip, vae, image, steps=2, resolution=64, seed=rnd, rank=a.rank, layers=a.layers,
-                         precision=precision)
+                         precision=precision, gradient_checkpointing=a.gradient_checkpointing)
     src_cond, adapter = ft[2], ft[3]
     seed = 1000 * (rnd + 1)
 
@@ -122,7 +143,8 @@ def child(a) -> dict:
     def finetune(r):
         def fn(st):
             w.sine_finetune(model, clip, vae, image, steps=a.train_steps, resolution=a.size, seed=seed + r,
-                            rank=a.rank, layers=a.layers, precision=precision)
+                            rank=a.rank, layers=a.layers, precision=precision,
+                            gradient_checkpointing=a.gradient_checkpointing)
             return st.per_step(a.train_steps)
         return phase(fn)
 
@@ -145,7 +167,7 @@ def child(a) -> dict:
 
     def bare(r):
         def fn(st):
-            b = w.BareUNet(s, model, pos, a.size, autocast)
+            b = w.BareUNet(s, model, pos, a.size, autocast, gradient_checkpointing=a.gradient_checkpointing)
             b.step()  # untimed: first-call overheads
             t = timing.clock()
             for _ in range(a.loop):
@@ -173,7 +195,7 @@ def child(a) -> dict:
                 w.vae_decode(vae, w.sample("ksampler", model, **kw))
                 flow_ft = w.sine_finetune(model, clip, vae, image, steps=a.train_steps, resolution=a.size,
                                           seed=seed + r + 100 * (i + 1), rank=a.rank, layers=a.layers,
-                                          precision=precision)
+                                          precision=precision, gradient_checkpointing=a.gradient_checkpointing)
                 w.vae_decode(vae, w.sample("sine", model, **kw, adapter=flow_ft[3], source_conditioning=flow_ft[2]))
             return (timing.clock() - t) / 2
         return phase(fn)
@@ -223,8 +245,9 @@ def run_child(a, mode: str, rnd: int) -> dict:
 def report(a, infos: dict, stats: dict) -> None:
     first = next(iter(infos.values()))
     mem = "peak VRAM MiB" if not a.smoke else "max RSS MiB (process so far)"
-    print(f"\nSINE GPU check: SD1.5-architecture random-weight fixture, {a.size}x{a.size}, batch 1; finetune LoRA rank "
-          f"{a.rank} '{a.layers}' {'bf16 autocast' if not a.smoke else 'fp32 (CPU)'}, {a.train_steps} steps; "
+    gc = ", gradient checkpointing (also bare_unet)" if a.gradient_checkpointing else ""
+    print(f"\nSINE GPU check: {FIXTURE_NAME[a.family]}, {a.size}x{a.size}, batch 1; finetune LoRA rank "
+          f"{a.rank} '{a.layers}' {'bf16 autocast' if not a.smoke else 'fp32 (CPU)'}{gc}, {a.train_steps} steps; "
           f"sampling {a.sample_steps} steps {a.sampler}/{a.scheduler}, cfg 7.5; SINE window 0.0-0.6 weight 0.3")
     print(f"device {first['device']}, torch {first['torch']}, ComfyUI {first['comfyui']}, UNet weights "
           f"{first['unet_dtype']}; {a.repeats} interleaved rounds per mode "
@@ -253,6 +276,24 @@ def report(a, infos: dict, stats: dict) -> None:
         parts = [f"{ph} {timing.ratio_of_medians(stats[mode][f'{ph}.s_per_unit'], stats[base][f'{ph}.s_per_unit']):.2f}x"
                  for ph in PHASES]
         print(f"  {mode} / {base} s/unit: " + ", ".join(parts))
+    if a.family == "sdxl":
+        report_sdxl_target(a, stats)
+
+
+def report_sdxl_target(a, stats: dict) -> None:
+    """Issue 19's SDXL goal: the finetune phase's peak VRAM (max over the rounds) <= SDXL_FINETUNE_TARGET_MIB."""
+    where = "" if a.size == DEFAULT_SIZE["sdxl"] else \
+        f" [the target is for {DEFAULT_SIZE['sdxl']}x{DEFAULT_SIZE['sdxl']}; this run is {a.size}x{a.size}]"
+    print(f"\nSDXL target (issue 19): finetune peak VRAM <= {SDXL_FINETUNE_TARGET_MIB} MiB (12 GB), LoRA rank "
+          f"{a.rank} '{a.layers}', gradient checkpointing{where}:")
+    for mode in a.mode_list:
+        peak = stats[mode]["finetune.peak_mib"]
+        if a.smoke:
+            verdict = "not applicable (--smoke: max RSS on the CPU, not VRAM)"
+        else:
+            verdict = "met" if peak.max <= SDXL_FINETUNE_TARGET_MIB else "not met"
+        print(f"  {mode}: finetune peak {peak.max:.0f} MiB (max of {a.repeats} rounds; median {peak.median:.0f}) "
+              f"vs {SDXL_FINETUNE_TARGET_MIB} MiB: {verdict}")
 
 
 def main(argv=None):
@@ -267,8 +308,8 @@ def main(argv=None):
               "add --smoke for a tiny CPU run that only exercises the code paths.", file=sys.stderr)
         sys.exit(2)
     timing.check_repeats(a.repeats)
-    print(f"gpu_check: {'SMOKE (CPU) ' if a.smoke else ''}modes {', '.join(a.mode_list)}, {a.repeats} rounds, "
-          f"children interleaved by mode", flush=True)
+    print(f"gpu_check: {'SMOKE (CPU) ' if a.smoke else ''}{'SDXL ' if a.family == 'sdxl' else ''}modes "
+          f"{', '.join(a.mode_list)}, {a.repeats} rounds, children interleaved by mode", flush=True)
     infos = {}
 
     def variant(mode):
