@@ -34,6 +34,8 @@ def train_or_reuse(model, clip, vae, image, source_prompt, settings: FinetuneSet
     of the same run (training_cache), else from zero. use_disk: results, periodic saves and a stopped run's last
     state go to the disk cache and are looked up there; off: nothing is read or written there, states are kept in
     memory for this session."""
+    if patch_config is not None:  # crop_bank -1 (auto) decided here, so that the cache key holds what trains
+        patch_config = patch_config.for_device(mp.fresh_crops_cheap(model))
     lineage = training_cache.lineage_key(model, clip, vae, image, source_prompt, settings, patch_config, mask)
     if continue_from is not None:
         trained = training_cache.steps_of(continue_from)

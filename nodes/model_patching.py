@@ -338,3 +338,11 @@ def model_kwargs(model, cond_entry, x: torch.Tensor, device) -> dict:
 
 def device_of(model) -> torch.device:
     return model.load_device if model.load_device is not None else comfy.model_management.get_torch_device()
+
+
+def fresh_crops_cheap(model) -> bool:
+    """Whether a VAE encode per training step is cheap beside the step (patch mode's crop_bank -1): on a CUDA or XPU
+    GPU that holds the model. On the CPU, and under --lowvram/--novram where the weights stream in, the bank wins."""
+    vram = comfy.model_management.vram_state
+    return device_of(model).type in ("cuda", "xpu") and vram not in (comfy.model_management.VRAMState.LOW_VRAM,
+                                                                    comfy.model_management.VRAMState.NO_VRAM)

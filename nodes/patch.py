@@ -1,7 +1,7 @@
 """Patch Resolution Config: settings for SINE's patch-based fine-tuning (docs/method.md §3)."""
 from comfy_api.latest import io
 
-from ..sine_ops.config import INTERPOLATIONS, PatchConfig, sizes_text
+from ..sine_ops.config import AUTO_CROP_BANK, INTERPOLATIONS, PatchConfig, sizes_text
 from .errors import InputError, node_errors
 from .types import PatchConfigType
 
@@ -45,11 +45,13 @@ class PatchResolutionConfig(io.ComfyNode):
                 io.Boolean.Input("grid_gate", default=_D.grid_gate,
                                  tooltip="Off = paper-exact grid amplitude. On = a learnable scale on the grid that "
                                          "starts at 0, so the fine-tuned model starts identical to the base."),
-                io.Int.Input("crop_bank", default=_D.crop_bank, min=0, max=1024,
-                             tooltip="N > 0: N random crops VAE-encoded once before training and reused (saves a "
-                                     "VAE encode per step, 40-50% of a CPU step; more = more variety, longer "
-                                     "set-up). 0: a fresh random crop every step, VAE-encoded on the fly, as the "
-                                     "paper's code (slower steps)."),
+                io.Int.Input("crop_bank", default=_D.crop_bank, min=AUTO_CROP_BANK, max=1024,
+                             tooltip="-1 (auto): a fresh crop every step on a GPU that holds the model (there a VAE "
+                                     "encode is a small part of a step), a bank of 32 on the CPU or under "
+                                     "--lowvram. N > 0: N random crops VAE-encoded once before training and reused "
+                                     "(saves a VAE encode per step, 40-50% of a CPU step; more = more variety, "
+                                     "longer set-up). 0: a fresh random crop every step, VAE-encoded on the fly, as "
+                                     "the paper's code."),
                 io.Boolean.Input("recon_loss", default=_D.recon_loss, optional=True,
                                  tooltip="Add the official patch configs' reconstruction loss L_rec (weight 1.0): "
                                          "the noise-level-weighted L1 distance between the predicted clean latent "

@@ -39,6 +39,10 @@ INTERPOLATIONS = ("bilinear", "nearest")
 RECON_LOSS_WEIGHT = 1.0  # weight of L_rec when PatchConfig.recon_loss is on (official patch configs: scale_recon_loss)
 
 
+AUTO_CROP_BANK = -1  # PatchConfig.crop_bank: fresh crops where they are cheap, else a bank (PatchConfig.for_device)
+BANKED_CROPS = 32    # the bank's size where fresh crops are not cheap (CPU, --lowvram)
+
+
 @dataclass(frozen=True)
 class PatchConfig:
     """Patch-based fine-tuning (SINE §3): random crops of a high-res canvas plus a fixed positional grid."""
@@ -50,9 +54,18 @@ class PatchConfig:
     grid_size: int = 128           # grid cells per side; positions 1..G as in the official code (init_size 128)
     interpolation: str = "bilinear"  # how the grid window is resized: bilinear for photos, nearest for paintings
     grid_gate: bool = False        # our option: a learnable scale on the grid, initialised at 0 (off = paper)
-    crop_bank: int = 32            # N crops VAE-encoded once and reused (a VAE encode is 40-50% of a CPU step);
-                                   # 0 = a fresh random crop (one VAE encode) every step, as the official code
+    crop_bank: int = -1            # AUTO_CROP_BANK: decided by the device (for_device); N > 0: N crops VAE-
+                                   # encoded once and reused (a VAE encode is 40-50% of a CPU step); 0 = a fresh
+                                   # random crop (one VAE encode) every step, as the official code
     recon_loss: bool = True        # add the official patch configs' L_rec (weight 1.0, docs/method.md §2)
+
+    def for_device(self, fresh_crops_cheap: bool) -> "PatchConfig":
+        """crop_bank AUTO_CROP_BANK made concrete: a fresh crop every step (the official pipeline) where a VAE encode
+        is cheap beside a training step (on an H200 one 512 px encode costs 0.13 of a step, issue 19), else a bank of
+        BANKED_CROPS (on a CPU the encode adds 37% to every step, docs/performance.md)."""
+        if self.crop_bank != AUTO_CROP_BANK:
+            return self
+        return replace(self, crop_bank=0 if fresh_crops_cheap else BANKED_CROPS)
 
     def resolved(self, family: str) -> "PatchConfig":
         """Fill the family defaults (0 fields) in; validate the geometry."""
@@ -81,8 +94,9 @@ class PatchConfig:
         if self.working_size and self.working_size % self.grid_size:
             raise ValueError(f"working_size {self.working_size} must be a multiple of grid_size {self.grid_size} "
                              "so crops fall on whole grid cells")
-        if self.crop_bank < 0:
-            raise ValueError(f"crop_bank must be 0 (a fresh crop every step) or more, got {self.crop_bank}")
+        if self.crop_bank < AUTO_CROP_BANK:
+            raise ValueError(f"crop_bank must be -1 (auto: by the device), 0 (a fresh crop every step) or more, "
+                             f"got {self.crop_bank}")
         if self.train_resolution and self.train_resolution % 64:
             raise ValueError(f"train_resolution must be a multiple of 64, got {self.train_resolution}")
 

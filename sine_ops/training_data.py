@@ -11,7 +11,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from .config import FinetuneSettings, PatchConfig, family_sizes
+from .config import AUTO_CROP_BANK, FinetuneSettings, PatchConfig, family_sizes
 from .positional_grid import box_to_pixels, sample_crop_box
 
 Encode = Callable[[torch.Tensor], torch.Tensor]
@@ -158,7 +158,8 @@ def training_sampler(image: torch.Tensor, encode: Encode, settings: FinetuneSett
                      on_item: Callable[[int, int], None] = lambda done, total: None):
     """Where each training step's latent comes from (latents fp32 on the CPU, in the space `encode` returns).
 
-    Plain mode: the whole image, encoded once. Patch mode (`patch` resolved): `patch.crop_bank` = 0 draws and
+    Plain mode: the whole image, encoded once. Patch mode (`patch` resolved, crop_bank made concrete by
+    PatchConfig.for_device): `patch.crop_bank` = 0 draws and
     encodes a fresh crop at every step (as the official code); N > 0 encodes a bank of N random crops once and
     draws from it (saves the per-step VAE encode). `mask` ((1, H, W) in [0, 1], optional) becomes a per-pixel
     loss weight, cut and resized with the image; a crop that misses its white area is drawn again (counted in the
@@ -171,6 +172,8 @@ def training_sampler(image: torch.Tensor, encode: Encode, settings: FinetuneSett
         on_item(1, 1)
         return BankSampler(latent, None, None if mask is None else
                            _checked_mask(mask, tuple(latent.shape[-2:]), "training latent size"))
+    if patch.crop_bank == AUTO_CROP_BANK:
+        raise ValueError("crop_bank -1 (auto) reached the training sampler: resolve it with PatchConfig.for_device")
     canvas = resize_pixels(rgb, (patch.working_size, patch.working_size))
     mask_canvas = None if mask is None else \
         _checked_mask(mask, (patch.working_size, patch.working_size), "patch canvas size")

@@ -4,7 +4,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sine_ops.config import FinetuneSettings, PatchConfig
+from dataclasses import replace
+
+from sine_ops.config import AUTO_CROP_BANK, BANKED_CROPS, FinetuneSettings, PatchConfig
 from sine_ops.training import denoising_loss, step_generator
 from sine_ops.training_data import (MAX_CROP_ATTEMPTS, BankSampler, FreshCropSampler, MaskTooSmall,
                                     training_sampler)
@@ -91,3 +93,19 @@ def test_a_mask_no_crop_can_cover_ends_in_a_clear_error_after_bounded_attempts()
 class _IdentitySchedule:
     def calculate_denoised(self, sigma, model_output, model_input):
         return model_input + model_output
+
+
+def test_crop_bank_auto_is_fresh_crops_where_cheap_and_a_bank_elsewhere():
+    """crop_bank -1 (the default) becomes 0 (a fresh crop per step) on a GPU holding the model, the bank elsewhere;
+    a value the user set is kept, and an unresolved -1 never reaches the sampler as an empty bank."""
+    auto = PatchConfig(working_size=128, train_resolution=64, grid_size=16)
+    assert auto.crop_bank == AUTO_CROP_BANK
+    assert auto.for_device(fresh_crops_cheap=True).crop_bank == 0
+    assert auto.for_device(fresh_crops_cheap=False).crop_bank == BANKED_CROPS
+    for chosen in (0, 5):
+        assert replace(auto, crop_bank=chosen).for_device(True).crop_bank == chosen
+        assert replace(auto, crop_bank=chosen).for_device(False).crop_bank == chosen
+    with pytest.raises(ValueError, match="for_device"):
+        training_sampler(IMAGE, encode, FinetuneSettings(), "sd1", auto.resolved("sd1"), torch.Generator())
+    with pytest.raises(ValueError, match="crop_bank must be -1"):
+        PatchConfig(crop_bank=-2).validate()

@@ -186,7 +186,7 @@ def wf_patch_edit_resolution() -> Workflow:
         "the UNet's first conv, so the model learns WHERE each crop lies. At sampling the whole grid is "
         "stretched over the latent: any width x height shows the whole image.\n"
         "- min/max_crop_frac 0.1-1.0: crop sizes (small crops teach detail, large ones layout).\n"
-        "- crop_bank 32: distinct crops encoded once before training (more = more variety, longer set-up).\n"
+        "- crop_bank -1 (auto): a fresh crop every step on a GPU, 32 crops encoded once on the CPU or --lowvram.\n"
         "- interpolation: bilinear for photos, nearest for paintings.\n"
         "- Patch training wants more steps than whole-image training: 1000 here (LoRA); the paper trains 10,000 "
         "for full fine-tunes. Raise steps if the output loses detail.\n"

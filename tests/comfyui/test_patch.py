@@ -77,3 +77,19 @@ def test_save_load_sample_reproduces(comfy, fixtures, patch_nodes):
     adapter = comfy.node_output("load", 0)
     assert adapter.patch is not None and adapter.patch.interpolation == "bilinear"
     assert torch.equal(comfy.node_output("sample", 0)["samples"], fresh)
+
+
+@pytest.mark.parametrize("cheap", [False, True])
+def test_crop_bank_auto_follows_the_device(comfy, fixtures, monkeypatch, cheap):
+    """crop_bank -1 (the default) trains with fresh crops where fresh_crops_cheap says so (a GPU holding the model)
+    and with the bank of 32 elsewhere (this CPU); the adapter records what trained."""
+    patching = comfy.pack_module("nodes.model_patching")
+    if cheap:  # this CPU is never cheap: stand in for a GPU's answer at the pack's one decision point
+        monkeypatch.setattr(patching, "fresh_crops_cheap", lambda model: True)
+    # a seed per case: the same inputs would give ComfyUI's cached node output
+    g = finetune_graph(fixtures["checkpoint"], fixtures["source_image"], steps=2, lr=1e-3, seed=3 + cheap,
+                       patch=dict(PATCH, crop_bank=-1))
+    comfy.run(g)
+    assert cheap or not patching.fresh_crops_cheap(comfy.node_output("ckpt", 0))
+    adapter = comfy.node_output("finetune", 3)
+    assert adapter.patch.crop_bank == (0 if cheap else 32)
