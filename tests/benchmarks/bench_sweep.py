@@ -7,8 +7,8 @@ Two measures, both on the random-weight SD1.5 fixture, same seed / sampler / sch
 start 0.0, one LoRA adapter; nodes called by node id as ComfyUI's executor calls them (SINE Guider -> SINE Sweep,
 no VAE: the grid is the latent colour preview; SINE Guided Sampler for the single run):
 
-1. Architecture proxy (what a launch-bound GPU pays): aten operations dispatched during the node call, counted with
-   a TorchDispatchMode, for a sweep of --op-settings settings (weights x window ends, e.g. 8 = 4 x 2) vs one run
+1. Architecture proxy (what a launch-bound GPU pays): non-view aten operations dispatched during the node call,
+   counted as bench_op_count.py counts them (tests/op_counter.py), for a sweep of --op-settings settings (weights x window ends, e.g. 8 = 4 x 2) vs one run
    with the paper's setting (0.3, 0.6). On a GPU at batch 1 and 512 px a SINE step is mostly launch overhead
    (issue 22: 0.051 s per step on an H200), so the op ratio approximates the time ratio there. Counted at 64 px:
    the count does not depend on the image size.
@@ -24,23 +24,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import timing  # noqa: E402
 
-def op_counter():
-    import torch
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class OpCounter(TorchDispatchMode):
-        """Counts every aten operation dispatched while active (what a GPU would launch as kernels)."""
-
-        def __init__(self):
-            super().__init__()
-            self.ops = 0
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.ops += 1
-            return func(*args, **(kwargs or {}))
-    return OpCounter, torch
-
-
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--size", type=int, default=128, help="image side (px) of the CPU time measurement")
@@ -53,7 +36,9 @@ def main():
     p.add_argument("--work", default="/tmp/sine_bench_sweep")
     args = p.parse_args()
     timing.check_repeats(args.repeats)
+    import torch
     import comfy_workloads as w
+    from op_counter import OpCounter
     setup = w.edit_setup(Path(args.work))
     model = setup["model"]
     kw = dict(positive=setup["positive"], negative=setup["negative"], steps=args.steps, sampler=args.sampler,
@@ -69,7 +54,6 @@ def main():
         return w.sweep(model, settings=n, size=size, seed=seed, **kw)
 
     # 1. op counts (one call each after a warm-up, so lazy set-up is not counted)
-    OpCounter, torch = op_counter()
     counts = {}
     for label, fn in (("single", lambda: single(64, 1)), ("sweep", lambda: sweep(64, 1, args.op_settings))):
         fn()
@@ -89,7 +73,7 @@ def main():
                                repeats=args.repeats, warmup=1, log=lambda m: print(m, flush=True))
     device = "cuda" if torch.cuda.is_available() else "cpu"
     print(f"\nSweep benchmark: SD1.5 architecture, {args.steps} steps {args.sampler}/{args.scheduler}, device {device}")
-    print(f"aten ops per node call (64 px): one SINE Guided Sampler run {counts['single']}, SINE Sweep of "
+    print(f"non-view aten ops per node call (64 px): one SINE Guided Sampler run {counts['single']}, SINE Sweep of "
           f"{args.op_settings} settings {counts['sweep']} = {counts['sweep'] / counts['single']:.2f}x "
           f"(architecture proxy for a launch-bound GPU; target <= 2x)")
     header = ["variant"] + timing.stats_header("run s")
