@@ -125,7 +125,6 @@ def _keep_stopped(on_stopped: Checkpoint, adapter: SineAdapter) -> None:
 MEANING_SETTINGS = ("method", "layers", "text_encoder")
 LORA_SETTINGS = ("lora_rank", "lora_alpha")
 PATCH_LAYOUT = ("working_size", "train_resolution", "grid_size", "interpolation", "grid_gate")
-_UNRECORDED = object()  # a setting the continue_from file does not record: never equal to this run's
 
 
 def _continue_from(adapter: SineAdapter, start: SineAdapter | None):
@@ -170,7 +169,7 @@ def _differing_settings(start: SineAdapter, adapter: SineAdapter) -> list[str]:
     names = () if "method" not in was else \
         MEANING_SETTINGS + (LORA_SETTINGS if now.get("method") == "lora" == was.get("method") else ())
     differing = [f"{k} {was.get(k, 'not recorded')!r} (this run: {now.get(k)!r})"
-                 for k in names if was.get(k, _UNRECORDED) != now.get(k)]
+                 for k in names if k not in was or was[k] != now.get(k)]
     if (start.patch is None) != (adapter.patch is None):
         differing.append(f"patch_config {'connected' if start.patch is not None else 'not connected'} (this run: "
                          f"{'connected' if adapter.patch is not None else 'not connected'})")

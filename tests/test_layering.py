@@ -57,6 +57,11 @@ def _dev_module_names(root: Path) -> frozenset[str]:
     return frozenset(names - shipped - {"__init__"})
 
 
+def _module_of(rel: str) -> str:
+    """The dotted module name of a file from the pack root ("nodes/guidance.py" -> "nodes.guidance")."""
+    return rel[:-len(".py")].replace("/", ".")
+
+
 def _package_of(rel: str) -> list[str]:
     """The package a shipped file belongs to, as parts from the pack root ([] = the pack root itself)."""
     return rel.split("/")[:-1]
@@ -168,7 +173,7 @@ def layering_violations(root: Path) -> list[str]:
     dev = _dev_module_names(root)
     trees = {_rel(root, p): ast.parse(p.read_text(encoding="utf-8"), filename=str(p))
              for top in SHIPPED for p in _py_files(root, top)}
-    node_files = {rel[:-len(".py")].replace("/", ".") for rel, tree in trees.items()
+    node_files = {_module_of(rel) for rel, tree in trees.items()
                   if rel.startswith("nodes/") and rel != "nodes/__init__.py" and _defines_nodes(tree)}
     problems = []
     for rel, tree in trees.items():
@@ -188,7 +193,7 @@ def layering_violations(root: Path) -> list[str]:
                 if module.split(".")[0] in COMFYUI_MODULES:
                     problems.append(f"{rel}:{line}: imports {module} (sine_ops is plain torch: no ComfyUI module)")
         if rel.startswith("nodes/") and rel != "nodes/__init__.py":  # (c)
-            own = rel[:-len(".py")].replace("/", ".")
+            own = _module_of(rel)
             for line, module in imports:
                 if module in node_files and module != own:
                     problems.append(f"{rel}:{line}: imports the node file {module} (only nodes/__init__.py "

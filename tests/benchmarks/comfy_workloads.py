@@ -204,9 +204,8 @@ class BareUNet:
     nodes.training_run.comfy_call), so the two differ only by what SINE adds; the MODEL itself is not modified.
     autocast: e.g. torch.bfloat16 on CUDA, None = off.
 
-    Models with size/pooled conditioning (SDXL): the `y` input is made once here by ComfyUI's model
-    (encode_adm: the CONDITIONING's pooled_output, width = height = size, no crop), as SINE Finetune makes it once
-    per latent shape; for SD1.5 there is none and the call is the same as before. gradient_checkpointing: the
+    The UNet's inputs (c_crossattn, and SDXL's size/pooled `y`) are made once by nodes.model_patching.model_kwargs,
+    the function SINE Finetune makes them with. gradient_checkpointing: the
     pack's own nodes.model_patching.attach_gradient_checkpointing on the clone, as SINE_Finetune with
     gradient_checkpointing on (every UNet input and output block recomputed in the backward pass; the middle
     block is not)."""
@@ -224,11 +223,11 @@ class BareUNet:
                 patching.attach_gradient_checkpointing(self.model)
             training_run.comfy_call(mm.load_models_gpu, [self.model], force_full_load=True)
             self.device = mm.get_torch_device()
-            self.cond = cond[0][0].clone().to(self.device)  # CONDITIONING: [[tensor, extras], ...]
-            pooled = cond[0][1].get("pooled_output")
-            adm = self.model.model.encode_adm(pooled_output=None if pooled is None else pooled.clone(),
-                                              width=size, height=size, device=self.device)
-            self.extra = {} if adm is None else {"y": adm.to(self.device)}
+            # the UNet's inputs from the CONDITIONING ([[tensor, extras], ...]) made once, by the function SINE
+            # Finetune makes them with (c_crossattn; SDXL's y), as normal tensors
+            shape = torch.empty(1, 4, self.latent, self.latent, device=self.device)
+            self.inputs = {k: v.clone() for k, v in patching.model_kwargs(self.model, cond[0], shape,
+                                                                           self.device).items()}
 
     def step(self) -> None:
         torch = self.torch
@@ -236,11 +235,11 @@ class BareUNet:
             x = torch.randn(1, 4, self.latent, self.latent, device=self.device, requires_grad=True)
             sigma = torch.tensor([5.0], device=self.device)
             with torch.autocast(self.device.type, dtype=self.autocast, enabled=self.autocast is not None):
-                out = self.model.model.apply_model(x, sigma, c_crossattn=self.cond, **self.extra)
+                out = self.model.model.apply_model(x, sigma, **self.inputs)
             out.float().pow(2).mean().backward()
 
     def close(self) -> None:
-        self.model = self.cond = self.extra = None
+        self.model = self.inputs = None
 
 
 def vae_decode(vae, latent: dict):

@@ -157,18 +157,23 @@ def test_controlnet_steers_and_img2img_runs(comfy, fixtures):
     assert out.shape == source.shape and torch.isfinite(out).all()
 
 
+def noise_masked(g, node):
+    """A latent noise mask (left half re-generated, right half kept) on `node`'s latent_image (64 px graphs)."""
+    g["keep"] = {"class_type": "SolidMask", "inputs": {"value": 0.0, "width": 64, "height": 64}}
+    g["left"] = {"class_type": "SolidMask", "inputs": {"value": 1.0, "width": 32, "height": 64}}
+    g["mask"] = {"class_type": "MaskComposite", "inputs": {"destination": ["keep", 0], "source": ["left", 0],
+                                                           "x": 0, "y": 0, "operation": "add"}}
+    g["masked"] = {"class_type": "SetLatentNoiseMask", "inputs": {"samples": ["latent", 0], "mask": ["mask", 0]}}
+    g[node]["inputs"]["latent_image"] = ["masked", 0]
+    return g
+
+
 def test_model_patches_noise_masks_and_full_finetunes(comfy, fixtures):
     """RescaleCFG (sampler_cfg_function) and a latent noise mask behave as with KSampler; full fine-tunes sample."""
     def graph(nodes, **kw):
-        g = sine_sample_graph(fixtures["checkpoint"], nodes, edit=EDIT, steps=3, **kw)
+        g = noise_masked(sine_sample_graph(fixtures["checkpoint"], nodes, edit=EDIT, steps=3, **kw), "sample")
         g["rescale"] = {"class_type": "RescaleCFG", "inputs": {"model": ["ckpt", 0], "multiplier": 0.7}}
-        g["keep"] = {"class_type": "SolidMask", "inputs": {"value": 0.0, "width": 64, "height": 64}}
-        g["left"] = {"class_type": "SolidMask", "inputs": {"value": 1.0, "width": 32, "height": 64}}
-        g["mask"] = {"class_type": "MaskComposite", "inputs": {"destination": ["keep", 0], "source": ["left", 0],
-                                                               "x": 0, "y": 0, "operation": "add"}}
-        g["masked"] = {"class_type": "SetLatentNoiseMask", "inputs": {"samples": ["latent", 0], "mask": ["mask", 0]}}
         g["sample"]["inputs"]["model"] = ["rescale", 0]
-        g["sample"]["inputs"]["latent_image"] = ["masked", 0]
         return g
 
     nodes = adapter_nodes(fixtures)

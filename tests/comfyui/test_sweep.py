@@ -10,7 +10,7 @@ exactly). Where the batches match (a one-row sweep) the result is bit for bit.
 import pytest
 import torch
 
-from test_guidance_sampling import EDIT, adapter_nodes, run_latent, unet_calls
+from test_guidance_sampling import EDIT, adapter_nodes, noise_masked, run_latent, unet_calls
 from workflows_api import sine_sample_graph
 
 REL = 1e-4
@@ -182,17 +182,6 @@ def test_chunk_size_follows_free_memory(comfy, fixtures, monkeypatch):
         monkeypatch.setattr(mm, "get_free_memory", lambda *args, **kwargs: budget)
         assert sweep.chunk_rows(model, shape, 3, 4, 0) == room
     assert sweep.chunk_rows(model, shape, 3, 4, 2) == 2  # a size the user set is kept
-
-
-def noise_masked(g, node):
-    """A latent noise mask (left half re-generated, right half kept) on `node`'s latent_image."""
-    g["keep"] = {"class_type": "SolidMask", "inputs": {"value": 0.0, "width": 64, "height": 64}}
-    g["left"] = {"class_type": "SolidMask", "inputs": {"value": 1.0, "width": 32, "height": 64}}
-    g["mask"] = {"class_type": "MaskComposite", "inputs": {"destination": ["keep", 0], "source": ["left", 0],
-                                                           "x": 0, "y": 0, "operation": "add"}}
-    g["masked"] = {"class_type": "SetLatentNoiseMask", "inputs": {"samples": ["latent", 0], "mask": ["mask", 0]}}
-    g[node]["inputs"]["latent_image"] = ["masked", 0]
-    return g
 
 
 def test_ddim_rows_with_a_latent_noise_mask_equal_single_runs(comfy, fixtures, nodes):

@@ -19,9 +19,9 @@ from workflows_api import finetune_graph, txt2img
 LORA_NAME = "wrong_weights/strong_style.safetensors"
 
 
-def graph(fixtures, model=("ckpt", 0), seed=2101):
+def graph(fixtures, model=("ckpt", 0), seed=2101, disk_cache=False):
     g = finetune_graph(fixtures["checkpoint"], fixtures["source_image"], steps=3, lr=1e-3, seed=seed, resolution=64)
-    g["finetune"]["inputs"].update(disk_cache=False, model=list(model))
+    g["finetune"]["inputs"].update(disk_cache=disk_cache, model=list(model))
     return g
 
 
@@ -122,17 +122,14 @@ def test_finetune_after_a_lora_prompt_under_device_moves(comfy, fixtures, strong
 
 def lora_finetune(fixtures, seed):
     """SINE Finetune on the LoRA-patched MODEL with the same settings (cached too, under its own key)."""
-    g = with_lora(graph(fixtures, model=("lora", 0), seed=seed))
-    g["finetune"]["inputs"]["disk_cache"] = True
-    return g
+    return with_lora(graph(fixtures, model=("lora", 0), seed=seed, disk_cache=True))
 
 
 def check_cache_key_after_a_lora_prompt(comfy, fixtures, seed, earlier):
     """The disk-cache key digests the checkpoint's weights: read while a LoRA prompt's patches are still on them,
     the plain MODEL got another key, so its cached fine-tune was missed (and retrained). After a fine-tune on the
     LoRA MODEL with the same settings, the plain MODEL must find its own entry, not the LoRA run's."""
-    g = graph(fixtures, seed=seed)
-    g["finetune"]["inputs"]["disk_cache"] = True
+    g = graph(fixtures, seed=seed, disk_cache=True)
     first = fresh_run(comfy, g, clean=True)
     assert [v for v, t, _ in comfy.progress if t == 3], "the first run did not train"
     if earlier == "lora_ksampler":

@@ -32,8 +32,8 @@ checkpoint (tests/comfyui_fixtures.py ensure_sdxl_checkpoint, seed 4321 as tests
 64 px), with SINE_Finetune's gradient_checkpointing input on in every fine-tune (finetune, user_flow and the
 set-up adapter). bare_unet stays comparable: it checkpoints the same way, with the pack's own
 attach_gradient_checkpointing (every UNet input and output block recomputed in the backward pass, the middle block
-not), and passes SDXL's size/pooled conditioning `y` made once by ComfyUI's model (encode_adm, width = height =
---size, no crop), as SINE Finetune makes it once per latent shape. The report adds the finetune phase's peak VRAM
+not), and passes SDXL's size/pooled conditioning `y`, made once by the function SINE Finetune makes it with
+(nodes.model_patching.model_kwargs: width = height = --size). The report adds the finetune phase's peak VRAM
 (max over rounds, per mode) against issue 19's SDXL target, <= 12288 MiB (12 GB), as met / not met. Not run on a
 GPU yet.
 """
