@@ -29,11 +29,12 @@ def adapter_outputs(model, clip, adapter: SineAdapter):
 
 
 def train_or_reuse(model, clip, vae, image, source_prompt, settings: FinetuneSettings, patch_config, mask,
-                   continue_from, save_every: int, use_disk: bool):
+                   continue_from, save_every: int, use_disk: bool, compile: bool = False):
     """The adapter of `settings.steps` steps: reused when known, else trained on from the most trained known state
     of the same run (training_cache), else from zero. use_disk: results, periodic saves and a stopped run's last
     state go to the disk cache and are looked up there; off: nothing is read or written there, states are kept in
-    memory for this session."""
+    memory for this session. compile: train with the UNet compiled (not part of any cache key: it changes the
+    result only by float rounding)."""
     if patch_config is not None:  # crop_bank -1 (auto) decided here, so that the cache key holds what trains
         patch_config = patch_config.for_device(mp.fresh_crops_cheap(model))
     lineage = training_cache.lineage_key(model, clip, vae, image, source_prompt, settings, patch_config, mask)
@@ -66,7 +67,7 @@ def train_or_reuse(model, clip, vae, image, source_prompt, settings: FinetuneSet
 
     adapter, _ = run_finetune(model, clip, vae, image, source_prompt, settings, patch_config, mask=mask, start=start,
                               save_every=save_every, on_checkpoint=kept("periodic save"),
-                              on_stopped=kept("training stopped"))
+                              on_stopped=kept("training stopped"), compile=compile)
     refuse_non_finite(adapter)
     training_cache.keep(lineage, adapter, use_disk)
     return adapter

@@ -11,6 +11,7 @@ Everything goes through ModelPatcher object patches on clones, so the user's MOD
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 
 import torch
 
@@ -191,6 +192,24 @@ class WeightViews:
 
     def release(self) -> None:
         self._views.clear()
+
+    @contextmanager
+    def installed(self, root: torch.nn.Module):
+        """Every weight under `root` replaced by its view for the enclosed forward, then given back: the compiled
+        training forward, which must not take views itself (torch.compile cannot trace them). The uncompiled one
+        swaps per layer instead (TrainableWeights), which gradient checkpointing's recompute needs."""
+        swapped = []
+        for module in root.modules():
+            params = module._parameters
+            own = {name: p for name, p in params.items() if p is not None}
+            if own:
+                swapped.append((params, own))
+                params.update({name: self.of(p) for name, p in own.items()})
+        try:
+            yield
+        finally:
+            for params, own in swapped:
+                params.update(own)
 
 
 class TrainableWeights:

@@ -21,7 +21,7 @@ import torch
 import comfy.model_management
 import comfy.utils
 
-from ..sine_ops.adapters import RowRouter
+from ..sine_ops.adapters import AllRows, RowRouter
 from ..sine_ops.config import RECON_LOSS_WEIGHT, FinetuneSettings, OptimConfig, PatchConfig
 from ..sine_ops.sine_adapter import SineAdapter
 from ..sine_ops.training import (TrainingDiverged, TrainProgress, denoising_loss, noisy_latent, reconstruction_loss,
@@ -49,7 +49,41 @@ class TrainingSetup:
     device: torch.device
     dtype: torch.dtype | None        # autocast dtype, None = fp32
     views: mp.WeightViews            # the frozen weights' autograd-safe views, released before every load
-    router: RowRouter                # the training model's: each forward gets its own state (merge groups)
+    router: RowRouter | AllRows      # the training model's: each forward gets its own state (merge groups)
+    compiled: CompiledUNet | None    # the compile setting: the UNet that runs the training forward
+
+    def unet_forward(self):
+        """The context of one training forward: the compiled UNet in place, or one routing state per forward
+        (all rows trained), in which the layers' merge groups merge once."""
+        if self.compiled is not None:
+            return self.compiled.active()
+        return self.router.route(None, root=self.model.model)
+
+
+COMPILE_BACKEND = "inductor"  # torch.compile's default (Triton on a GPU, C++ on the CPU)
+
+
+class CompiledUNet:
+    """The compile setting: the training clone's UNet compiled with torch.compile, put in place for each training
+    forward only and taken out after it (as ComfyUI's own TorchCompileModel does per call), so the BaseModel the
+    clone shares with the user's MODEL holds its own UNet whenever anything else runs. The frozen weights'
+    views are installed around the compiled call, so the compiled graph holds none of the pack's glue."""
+
+    def __init__(self, base_model, views: mp.WeightViews):
+        self.base_model, self.views = base_model, views
+        self.unet = base_model.diffusion_model
+        self.compiled = torch.compile(self.unet, backend=COMPILE_BACKEND)
+        log.info("SINE Finetune: compile is on: the first step compiles the UNet's training step (a minute or more, "
+                 "cancel waits for it); later runs on this model reuse the compiled code")
+
+    @contextmanager
+    def active(self):
+        with self.views.installed(self.unet):
+            self.base_model.diffusion_model = self.compiled
+            try:
+                yield
+            finally:
+                self.base_model.diffusion_model = self.unet
 
 
 Checkpoint = Callable[[SineAdapter], None]
@@ -58,17 +92,18 @@ Checkpoint = Callable[[SineAdapter], None]
 def run_finetune(model, clip, vae, image, source_prompt: str, settings: FinetuneSettings,
                  patch: PatchConfig | None, *, mask: torch.Tensor | None = None, start: SineAdapter | None = None,
                  save_every: int = 0, on_checkpoint: Checkpoint = lambda adapter: None,
-                 on_stopped: Checkpoint = lambda adapter: None) -> tuple[SineAdapter, list[float]]:
+                 on_stopped: Checkpoint = lambda adapter: None, compile: bool = False) -> tuple[SineAdapter, list[float]]:
     """Train a SINE adapter on `image` up to `settings.steps` steps in total; returns it (on the CPU, with its
     optimizer state, `settings["steps"]` = steps trained) and the loss of every step.
 
     start: an adapter of the same layout to continue (its weights, AdamW state and step count). mask: (1, H, W)
     loss weight. on_checkpoint gets a CPU copy every `save_every` steps; on_stopped gets the last completed state
-    when training stops early (cancel, error), before the exception goes on.
+    when training stops early (cancel, error), before the exception goes on. compile: run the UNet's training
+    forward (and backward) compiled (CompiledUNet); the result equals the uncompiled run's within float rounding.
     """
     with torch.inference_mode(False):
         generator = torch.Generator().manual_seed(settings.seed)
-        setup = _prepare(model, clip, vae, image, source_prompt, settings, patch, generator, mask)
+        setup = _prepare(model, clip, vae, image, source_prompt, settings, patch, generator, mask, compile)
         prior = list(start.losses) if start is not None else []
         progress, start_step = TrainProgress(), 0
         try:
@@ -82,7 +117,7 @@ def run_finetune(model, clip, vae, image, source_prompt: str, settings: Finetune
         finally:
             setup.adapter.requires_grad_(False)
             setup.views.release()
-            setup.model = setup.clip = None
+            setup.model = setup.clip = setup.compiled = None
             comfy_call(comfy.model_management.cleanup_models_gc)
             comfy_call(comfy.model_management.soft_empty_cache)
         adapter = _snapshot(setup.adapter, progress, prior, copy_params=False)
@@ -212,7 +247,8 @@ def _snapshot(adapter: SineAdapter, progress: TrainProgress, prior: list[float],
     return copy.deepcopy(result, memo)
 
 
-def _prepare(model, clip, vae, image, source_prompt, settings, patch, generator, mask=None) -> TrainingSetup:
+def _prepare(model, clip, vae, image, source_prompt, settings, patch, generator, mask=None,
+             compile: bool = False) -> TrainingSetup:
     family = mp.model_family(model)
     if patch is not None:
         if not mp.has_unet_input_conv(model):
@@ -231,10 +267,12 @@ def _prepare(model, clip, vae, image, source_prompt, settings, patch, generator,
             comfy_call(lambda: clip.encode_from_tokens_scheduled(tokens)[0])
     train_base = compat.training_clone(model, "model")  # a non-dynamic model under newer ComfyUI's dynamic VRAM
     adapter = _new_adapter(train_base, clip, family, source_prompt, settings, patch, generator)
-    router = RowRouter()  # no row routing: every row is the fine-tuned model while training
+    router = AllRows() if compile else RowRouter()  # no row routing: every row is the fine-tuned model in training
     train_model = mp.patched_model(train_base, {0: adapter}, router)
     views = mp.WeightViews()
-    mp.attach_trainable_weights(train_model, views, "diffusion_model.")
+    compiled = CompiledUNet(train_model.model, views) if compile else None
+    if compiled is None:
+        mp.attach_trainable_weights(train_model, views, "diffusion_model.")
     if settings.gradient_checkpointing:
         mp.attach_gradient_checkpointing(train_model)
     train_clip = mp.patched_clip(compat.training_clip_clone(clip) if adapter.text_encoder else clip, adapter)
@@ -246,7 +284,7 @@ def _prepare(model, clip, vae, image, source_prompt, settings, patch, generator,
         train_clip.load_model = functools.partial(comfy_call, train_clip.load_model)
     device = mp.device_of(model)
     return TrainingSetup(data, adapter, train_model, train_clip, tokens, fixed_cond, device,
-                         _compute_dtype(settings.precision, device), views, router)
+                         _compute_dtype(settings.precision, device), views, router, compiled)
 
 
 def _interruptible(done: int, total: int) -> None:
@@ -315,9 +353,7 @@ def _train_loop(s: TrainingSetup, settings: FinetuneSettings, progress: TrainPro
         x0, mask = latent.to(s.device), None if mask is None else mask.to(s.device)
         sigma, _, x = noisy_latent(ms, x0, generator)
         options = transformer_options if box is None else {**transformer_options, mp.CROP_BOXES_KEY: box}
-        # one routing state per forward (all rows trained): the layers' merge groups merge once in it
-        with torch.autocast(s.device.type, dtype=s.dtype, enabled=s.dtype is not None), \
-                s.router.route(None, root=s.model.model):
+        with torch.autocast(s.device.type, dtype=s.dtype, enabled=s.dtype is not None), s.unet_forward():
             denoised = s.model.model.apply_model(x, sigma, transformer_options=options, **prompt_inputs(x))
         last["denoised"] = denoised.detach()
         loss = denoising_loss(ms, sigma, denoised, x0, mask)
@@ -337,10 +373,24 @@ def _train_loop(s: TrainingSetup, settings: FinetuneSettings, progress: TrainPro
                   optimizer_state=optimizer_state, progress=progress, on_checkpoint=lambda _: checkpoint())
     except TrainingDiverged as e:
         raise InputError("learning_rate", str(e)) from None
+    except _compile_errors(s) as e:
+        cause = getattr(e, "inner_exception", None) or e  # what the compiler itself raised
+        reason = (str(cause).strip().splitlines() or [""])[0][:300]
+        raise InputError("compile", f"torch.compile failed on this machine ({type(cause).__name__}: {reason}); "
+                                    "set compile to false") from e
     finally:
         if s.data.missed_crops:
             log.info(f"SINE Finetune: {s.data.missed_crops} crops missed the mask's white area and were drawn "
                      "again")
+
+
+def _compile_errors(s: TrainingSetup) -> tuple:
+    """What torch.compile raises when it cannot compile (no Triton, no C++ compiler, an unsupported op): for a
+    compiled run only, looked up only when an exception is on its way."""
+    if s.compiled is None:
+        return ()
+    from torch._dynamo.exc import TorchDynamoException  # the base of BackendCompilerFailed and InductorError
+    return (TorchDynamoException,)
 
 
 @contextmanager

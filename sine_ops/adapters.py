@@ -227,6 +227,24 @@ class RowRouter:
             self._state.reset(token)
 
 
+class AllRows:
+    """The router of a model whose adapters apply to every row of every forward, kept in no per-call state: a
+    compiled training forward (SINE Finetune's compile setting). torch.compile cannot trace RowRouter's ContextVar;
+    what that state buys a training forward (the merge groups' one batched merge) the compiler fuses by itself."""
+
+    def state(self) -> None:
+        return None
+
+    def rows(self, adapter_id: int, batch: int, device=None) -> slice:
+        return slice(None)
+
+    @contextmanager
+    def route(self, row_owner, root: nn.Module | None = None):
+        if row_owner is not None:
+            raise ValueError("AllRows routes no rows: use a RowRouter for a batch of several models")
+        yield self
+
+
 class SharedDown:
     """The LoRA down projections of sibling layers that attention runs on one input (to_q / to_k / to_v), computed
     as one projection while sampling: one kernel instead of one per layer. The concatenated, cast weights are

@@ -1,0 +1,92 @@
+"""SINE Finetune's compile setting (issue 19, beyond eager): the UNet's training step under torch.compile.
+
+torch.compile traces with the "aot_eager" backend here: TorchDynamo captures the training forward and AOTAutograd
+builds its backward, exactly as for the node's "inductor", but no code is generated (inductor's C++ code for the
+full SD1.5 UNet takes minutes on this CPU; what it generates is torch's, and only a GPU can time it). ComfyUI's
+attention is its GPU choice (PyTorch SDPA): on the CPU it picks split attention, which asks psutil for free
+memory inside every attention call, a graph break of ComfyUI's own that no GPU run has.
+"""
+import pytest
+import torch
+
+from comfyui_harness import WorkflowError
+from workflows_api import finetune_graph, txt2img
+
+_runs = iter(range(1000, 100000))
+
+
+@pytest.fixture
+def traced(comfy, monkeypatch):
+    """torch.compile with the tracing-only backend, GPU attention, fresh dynamo caches and graph-break counters."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+    import comfy.ldm.modules.attention as attention
+    monkeypatch.setattr(comfy.pack_module("nodes.training_run"), "COMPILE_BACKEND", "aot_eager")
+    monkeypatch.setattr(attention, "optimized_attention", attention.attention_pytorch)
+    monkeypatch.setattr(attention, "optimized_attention_masked", attention.attention_pytorch)
+    torch._dynamo.reset()
+    counters.clear()
+    yield counters
+    torch._dynamo.reset()
+
+
+def graph(fixtures, compile: bool, **finetune_inputs):
+    g = finetune_graph(fixtures["checkpoint"], fixtures["source_image"], steps=3, lr=1e-3, seed=1901, resolution=64)
+    g["finetune"]["inputs"].update(disk_cache=False, compile=compile, **finetune_inputs)
+    return g
+
+
+def trained(comfy, g):
+    """Run `g` so that SINE Finetune trains (a save_every beyond its steps changes nothing but the inputs; the
+    in-memory states are forgotten): (adapter, losses)."""
+    g["finetune"]["inputs"]["save_every"] = next(_runs)
+    comfy.pack_module("nodes.training_cache")._recent.clear()
+    comfy.run(g)
+    adapter = comfy.node_output("finetune", 3)
+    return adapter, list(adapter.losses)
+
+
+def max_difference(a, b) -> float:
+    pa, pb = dict(a.named_parameters()), dict(b.named_parameters())
+    assert pa.keys() == pb.keys()
+    return max(float((pa[n] - pb[n]).abs().max()) for n in pa)
+
+
+def unet_state(comfy):
+    """The user's UNet as the checkpoint loader's cached output holds it: the module and every parameter object."""
+    unet = comfy.node_output("ckpt", 0).model.diffusion_model
+    return unet, {name: p for name, p in unet.named_parameters()}
+
+
+@pytest.mark.parametrize("inputs", [{}, {"gradient_checkpointing": True}], ids=["plain", "checkpointing"])
+def test_compiled_finetune_equals_uncompiled_with_no_graph_break(comfy, fixtures, traced, inputs):
+    eager, eager_losses = trained(comfy, graph(fixtures, compile=False, **inputs))
+    unet, params = unet_state(comfy)
+    compiled, compiled_losses = trained(comfy, graph(fixtures, compile=True, **inputs))
+
+    assert traced["stats"]["unique_graphs"] >= 1, "nothing was compiled: no test"
+    assert not traced["graph_break"], dict(traced["graph_break"])
+    assert compiled_losses == pytest.approx(eager_losses, rel=1e-4)
+    assert max_difference(compiled, eager) < 1e-5
+    # the BaseModel the training clone shared with the user's MODEL has its own UNet and weights back
+    after, after_params = unet_state(comfy)
+    assert after is unet and type(after).__name__ == "UNetModel"
+    assert after_params.keys() == params.keys() and all(after_params[n] is params[n] for n in params)
+
+
+def test_stock_nodes_after_a_compiled_finetune(comfy, fixtures, traced, device_moves):
+    """Under the GPU-copy emulation (issue 18's failure mode): the stock nodes still read the shared weights."""
+    trained(comfy, graph(fixtures, compile=True))
+    comfy.run(txt2img(fixtures["checkpoint"], "a dog", seed=1, size=64, steps=2))
+    assert comfy.node_output("decode", 0).isfinite().all()
+
+
+def test_a_failing_compile_names_the_input(comfy, fixtures, traced, monkeypatch):
+    def broken_backend(graph_module, example_inputs):
+        raise RuntimeError("no compiler on this machine")
+    monkeypatch.setattr(comfy.pack_module("nodes.training_run"), "COMPILE_BACKEND", broken_backend)
+    with pytest.raises(WorkflowError) as failure:
+        trained(comfy, graph(fixtures, compile=True))
+    message = str(failure.value)
+    assert "SINE Finetune" in message and "'compile'" in message and "set compile to false" in message, message
+    assert "no compiler on this machine" in message
