@@ -12,6 +12,7 @@ import copy
 import functools
 import logging
 import time
+import types
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 from typing import Callable
@@ -64,26 +65,42 @@ COMPILE_BACKEND = "inductor"  # torch.compile's default (Triton on a GPU, C++ on
 
 
 class CompiledUNet:
-    """The compile setting: the training clone's UNet compiled with torch.compile, put in place for each training
-    forward only and taken out after it (as ComfyUI's own TorchCompileModel does per call), so the BaseModel the
-    clone shares with the user's MODEL holds its own UNet whenever anything else runs. The frozen weights'
-    views are installed around the compiled call, so the compiled graph holds none of the pack's glue."""
+    """The compile setting: the training clone's UNet forward compiled with torch.compile, put in place for each
+    training forward only (an instance `forward` on the UNet, as ComfyUI's object patches set them) and taken out
+    after it, so the UNet the clone shares with the user's MODEL runs its own forward whenever anything else runs.
+    The frozen weights' views are installed around the compiled call, so the compiled graph holds none of the
+    pack's glue.
 
-    def __init__(self, base_model, views: mp.WeightViews):
-        self.base_model, self.views = base_model, views
-        self.unet = base_model.diffusion_model
-        self.compiled = torch.compile(self.unet, backend=COMPILE_BACKEND)
+    torch.compile keeps what it compiled on the code object its frame starts from, guarded on the run's adapters.
+    Compiling the UNet's own forward would pile one entry per run on that shared code until torch's recompile limit
+    (8) silently turned compiling off; each run compiles a function with a code object of its own instead, and
+    its compiled code goes with the run. (Inductor's on-disk cache still makes a repeated compile quick.)"""
+
+    def __init__(self, unet: torch.nn.Module, views: mp.WeightViews):
+        self.unet, self.views = unet, views
+        self._patched = unet.__dict__.get("forward")  # a forward another patch set on the UNet itself, if any
+        forward = self._patched or functools.partial(type(unet).forward, unet)
+        self.compiled = torch.compile(_own_code(lambda *args, **kwargs: forward(*args, **kwargs)),
+                                      backend=COMPILE_BACKEND)
         log.info("SINE Finetune: compile is on: the first step compiles the UNet's training step (a minute or more, "
-                 "cancel waits for it); later runs on this model reuse the compiled code")
+                 "cancel waits for it)")
 
     @contextmanager
     def active(self):
         with self.views.installed(self.unet):
-            self.base_model.diffusion_model = self.compiled
+            self.unet.forward = self.compiled
             try:
                 yield
             finally:
-                self.base_model.diffusion_model = self.unet
+                if self._patched is None:
+                    del self.unet.forward
+                else:
+                    self.unet.forward = self._patched
+
+
+def _own_code(fn):
+    """`fn` with a copy of its code object: a function no other run shares."""
+    return types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
 
 
 Checkpoint = Callable[[SineAdapter], None]
@@ -250,6 +267,10 @@ def _snapshot(adapter: SineAdapter, progress: TrainProgress, prior: list[float],
 def _prepare(model, clip, vae, image, source_prompt, settings, patch, generator, mask=None,
              compile: bool = False) -> TrainingSetup:
     family = mp.model_family(model)
+    if patch is not None and compile:
+        raise InputError("compile", "patch-based fine-tuning (patch_config) is not compiled yet: each step's crop "
+                                    "window of the positional grid is read on the host inside the forward. Set "
+                                    "compile to false, or disconnect patch_config")
     if patch is not None:
         if not mp.has_unet_input_conv(model):
             raise InputError("patch_config", f"patch-based fine-tuning needs a UNet with an input conv (SD1.x/"
@@ -270,7 +291,7 @@ def _prepare(model, clip, vae, image, source_prompt, settings, patch, generator,
     router = AllRows() if compile else RowRouter()  # no row routing: every row is the fine-tuned model in training
     train_model = mp.patched_model(train_base, {0: adapter}, router)
     views = mp.WeightViews()
-    compiled = CompiledUNet(train_model.model, views) if compile else None
+    compiled = CompiledUNet(train_model.model.diffusion_model, views) if compile else None
     if compiled is None:
         mp.attach_trainable_weights(train_model, views, "diffusion_model.")
     if settings.gradient_checkpointing:
@@ -352,7 +373,9 @@ def _train_loop(s: TrainingSetup, settings: FinetuneSettings, progress: TrainPro
             _load(s, s.model)
         x0, mask = latent.to(s.device), None if mask is None else mask.to(s.device)
         sigma, _, x = noisy_latent(ms, x0, generator)
-        options = transformer_options if box is None else {**transformer_options, mp.CROP_BOXES_KEY: box}
+        # a copy per step: ComfyUI's forward adds keys to the dict it is given, and a compiled step would be
+        # compiled again for a dict that grew
+        options = {**transformer_options, **({} if box is None else {mp.CROP_BOXES_KEY: box})}
         with torch.autocast(s.device.type, dtype=s.dtype, enabled=s.dtype is not None), s.unet_forward():
             denoised = s.model.model.apply_model(x, sigma, transformer_options=options, **prompt_inputs(x))
         last["denoised"] = denoised.detach()

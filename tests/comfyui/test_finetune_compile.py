@@ -58,7 +58,8 @@ def unet_state(comfy):
     return unet, {name: p for name, p in unet.named_parameters()}
 
 
-@pytest.mark.parametrize("inputs", [{}, {"gradient_checkpointing": True}], ids=["plain", "checkpointing"])
+@pytest.mark.parametrize("inputs", [{}, {"gradient_checkpointing": True}, {"text_encoder": "lora"}],
+                         ids=["plain", "checkpointing", "text_encoder"])
 def test_compiled_finetune_equals_uncompiled_with_no_graph_break(comfy, fixtures, traced, inputs):
     eager, eager_losses = trained(comfy, graph(fixtures, compile=False, **inputs))
     unet, params = unet_state(comfy)
@@ -68,15 +69,31 @@ def test_compiled_finetune_equals_uncompiled_with_no_graph_break(comfy, fixtures
     assert not traced["graph_break"], dict(traced["graph_break"])
     assert compiled_losses == pytest.approx(eager_losses, rel=1e-4)
     assert max_difference(compiled, eager) < 1e-5
-    # the BaseModel the training clone shared with the user's MODEL has its own UNet and weights back
+    # the UNet the training clone shared with the user's MODEL has its own forward and weights back
     after, after_params = unet_state(comfy)
-    assert after is unet and type(after).__name__ == "UNetModel"
+    assert after is unet and "forward" not in vars(unet)
     assert after_params.keys() == params.keys() and all(after_params[n] is params[n] for n in params)
 
 
-def test_stock_nodes_after_a_compiled_finetune(comfy, fixtures, traced, device_moves):
-    """Under the GPU-copy emulation (issue 18's failure mode): the stock nodes still read the shared weights."""
-    trained(comfy, graph(fixtures, compile=True))
+def test_each_run_keeps_its_compiled_code_to_itself(comfy, fixtures, traced):
+    """Compiled code is kept on the code object a frame starts from, guarded on the run's adapters: on the UNet's
+    own forward, every run would add one entry until torch's recompile limit (8) silently turned compiling off."""
+    from torch._dynamo.eval_frame import _debug_get_cache_entry_list
+    for seed in (1902, 1903):
+        trained(comfy, graph(fixtures, compile=True, seed=seed))
+    unet, _ = unet_state(comfy)
+    assert traced["stats"]["unique_graphs"] == 2  # one per run, whatever its number of steps
+    assert not traced["graph_break"]
+    assert _debug_get_cache_entry_list(type(unet).forward.__code__) == []
+
+
+@pytest.mark.parametrize("vram", ["normal", "lowvram"])
+def test_stock_nodes_after_a_compiled_finetune(comfy, fixtures, traced, request, vram):
+    """Under the GPU-copy emulation (issue 18's failure mode), normal and --lowvram: the compiled run trains, and
+    the stock nodes after it still read the shared weights."""
+    request.getfixturevalue("device_moves" if vram == "normal" else "device_moves_lowvram")
+    _, losses = trained(comfy, graph(fixtures, compile=True))
+    assert len(losses) == 3 and all(torch.isfinite(torch.tensor(losses)))
     comfy.run(txt2img(fixtures["checkpoint"], "a dog", seed=1, size=64, steps=2))
     assert comfy.node_output("decode", 0).isfinite().all()
 
@@ -90,3 +107,13 @@ def test_a_failing_compile_names_the_input(comfy, fixtures, traced, monkeypatch)
     message = str(failure.value)
     assert "SINE Finetune" in message and "'compile'" in message and "set compile to false" in message, message
     assert "no compiler on this machine" in message
+
+
+def test_patch_mode_is_refused_by_name(comfy, fixtures, traced):
+    patch = {"working_size": 128, "train_resolution": 64, "min_crop_frac": 0.1, "max_crop_frac": 1.0,
+             "whole_image_prob": 0.0, "grid_size": 16, "interpolation": "bilinear", "grid_gate": False,
+             "crop_bank": 0, "recon_loss": False}
+    g = finetune_graph(fixtures["checkpoint"], fixtures["source_image"], steps=3, lr=1e-3, seed=1904, patch=patch)
+    g["finetune"]["inputs"].update(disk_cache=False, compile=True)
+    with pytest.raises(WorkflowError, match="input 'compile': patch-based fine-tuning"):
+        trained(comfy, g)
