@@ -376,3 +376,29 @@ def test_merge_group_trains_as_the_layers_apart_in_fewer_ops():
     assert all(torch.allclose(a, b, rtol=1e-5, atol=1e-6) for a, b in zip(apart[1], grouped[1], strict=True))
     assert grouped[2] < apart[2], (grouped[2], apart[2])
     print("ops per forward+backward of 4 layers: apart", apart[2], "grouped", grouped[2])
+
+
+def test_all_rows_router_trains_as_an_unrouted_forward_in_one_graph():
+    """SINE Finetune's compiled forward (AllRows: no per-call state) gives what the uncompiled one (a RowRouter
+    routing no rows) gives, gradients included, and torch.compile sees it as one graph; AllRows refuses rows."""
+    from sine_ops.adapters import AllRows
+    dynamo = pytest.importorskip("torch._dynamo")
+    layer, x = make_layer("linear")
+    adapter = make_adapter("linear", layer, "lora", seed=9)
+    adapter.requires_grad_(True)
+    outputs, grads = [], []
+    for router in (RowRouter(), AllRows()):
+        fwd = AdaptedForward(layer, "layer", {0: adapter}, router)
+        with router.route(None, root=None):
+            y = fwd(x)
+        y.pow(2).sum().backward()
+        outputs.append(y.detach())
+        grads.append(adapter.up.grad.clone())
+        adapter.zero_grad(set_to_none=True)
+    assert torch.allclose(outputs[0], outputs[1], atol=1e-6) and torch.allclose(grads[0], grads[1], atol=1e-6)
+    explained = dynamo.explain(AdaptedForward(layer, "layer", {0: adapter}, AllRows()))(x)
+    dynamo.reset()
+    assert explained.graph_break_count == 0, explained.break_reasons
+    with pytest.raises(ValueError, match="RowRouter"):
+        with AllRows().route([0, -1]):
+            pass
