@@ -134,7 +134,7 @@ def _fake_run(a, peak_mib: float):
     stats = {}
     for mode in a.mode_list:
         m = {}
-        for ph in gpu_check.PHASES:
+        for ph in a.phases:
             m[f"{ph}.s_per_unit"] = Stats.of([0.1] * a.repeats)
             m[f"{ph}.wall_s"] = Stats.of([1.0] * a.repeats)
             m[f"{ph}.peak_mib"] = Stats.of([peak_mib - 10, peak_mib, peak_mib - 5] if ph == "finetune"
@@ -173,3 +173,21 @@ def test_sdxl_smoke_report_does_not_judge_rss(capsys):
     out = capsys.readouterr().out
     assert "[the target is for 1024x1024; this run is 64x64]" in out
     assert "vs 12288 MiB: not applicable (--smoke: max RSS on the CPU, not VRAM)" in out
+
+
+def test_compile_phase_only_with_the_flag(capsys):
+    """--compile adds the finetune_compiled phase (SINE_Finetune's compile input) and its ratios; without it the
+    report has neither."""
+    plain = gpu_check.parse_args([])
+    assert gpu_check.COMPILE_PHASE not in plain.phases
+    gpu_check.report(plain, *_fake_run(plain, 100.0))
+    assert "compiled" not in capsys.readouterr().out
+
+    a = gpu_check.parse_args(gpu_check.parent_argv(["--compile", "--modes", "normal"]))
+    assert a.phases[-1] == gpu_check.COMPILE_PHASE
+    gpu_check.report(a, *_fake_run(a, 100.0))
+    out = capsys.readouterr().out
+    assert "normal / finetune_compiled" in out
+    assert ("  normal: compiled SINE Finetune step / bare UNet fwd+bwd = 1.00x, / uncompiled step = 1.00x; 400 "
+            "steps at this size = 40.0 s after the compile (target <= 15 s at 512 px; the compile itself is in the "
+            "phase's wall time: 1.0 s median)") in out

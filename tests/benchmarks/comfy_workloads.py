@@ -140,16 +140,17 @@ def encode_text(clip, text: str):
 
 def sine_finetune(model, clip, vae, image, *, steps: int, resolution: int, seed: int, precision: str = "auto",
                   rank: int = 16, layers: str = "attention", lr: float = 1e-4, patch_config=None,
-                  gradient_checkpointing: bool = False) -> tuple:
+                  gradient_checkpointing: bool = False, compile: bool = False) -> tuple:
     """SINE_Finetune (LoRA) -> its outputs: 0 model, 1 clip, 2 source_conditioning, 3 sine_adapter, then more
     (loss_curve, ...). Index them (workflows link outputs by index; new outputs are appended), never unpack.
-    gradient_checkpointing: the node's input of that name (UNet input/output blocks recomputed in the backward)."""
+    gradient_checkpointing: the node's input of that name (UNet input/output blocks recomputed in the backward).
+    compile: the node's input of that name (the UNet's training step under torch.compile)."""
     extra = {} if patch_config is None else {"patch_config": patch_config}
     return call_node("SINE_Finetune", model=model, clip=clip, vae=vae, image=image, source_prompt=PROMPT,
                      preset="custom", steps=steps, learning_rate=lr, seed=seed, method="lora", lora_rank=rank,
                      lora_alpha=float(rank), layers=layers, text_encoder="off", precision=precision,
                      gradient_checkpointing=gradient_checkpointing, resize="stretch", resolution=resolution,
-                     **extra)
+                     compile=compile, **extra)
 
 
 def edit_setup(work: Path) -> dict:

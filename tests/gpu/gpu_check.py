@@ -15,6 +15,8 @@ the order users meet the nodes (a plain render first, then the fine-tune, then S
   vae_encode    one VAE encode of a 512 px crop (what a fresh crop per training step would add to each step)
   user_flow     KSampler -> VAEDecode -> SINE Finetune -> SINE Guided Sampler -> VAEDecode, run twice in the
                 process (the second on a new seed, so it trains again): seconds per flow
+  finetune_compiled  with --compile only: the finetune phase with SINE_Finetune's compile input on (torch.compile;
+                the first step compiles and is not in s/step, its cost is in the wall time)
 Before the phases each child renders once with KSampler and VAEDecode, as a user does before fine-tuning, and
 fine-tunes a small adapter for the sampling phases.
 Per phase: peak VRAM (torch.cuda.max_memory_allocated, reset at the phase start, after ComfyUI has unloaded
@@ -59,7 +61,8 @@ DEFAULT_SIZE = {"sd15": 512, "sdxl": 1024}
 FIXTURE_NAME = {"sd15": "SD1.5-architecture random-weight fixture", "sdxl": "SDXL-architecture random-weight fixture"}
 SDXL_FINETUNE_TARGET_MIB = 12288  # issue 19: peak VRAM of an SDXL LoRA fine-tune <= 12 GB
 PHASES = ("ksampler", "finetune", "sine_sampling", "sine_sweep8", "bare_unet", "vae_encode", "user_flow")
-UNITS = {"finetune": "step", "sine_sampling": "step", "sine_sweep8": "step", "ksampler": "step", "bare_unet": "step",
+COMPILE_PHASE = "finetune_compiled"  # --compile
+UNITS = {"finetune": "step", COMPILE_PHASE: "step", "sine_sampling": "step", "sine_sweep8": "step", "ksampler": "step", "bare_unet": "step",
          "vae_encode": "encode", "user_flow": "flow"}
 
 
@@ -82,6 +85,9 @@ def parse_args(argv=None):
     p.add_argument("--sampler", default="euler")
     p.add_argument("--scheduler", default="normal")
     p.add_argument("--work", default="/tmp/sine_gpu_check")
+    p.add_argument("--compile", action="store_true",
+                   help=f"add the {COMPILE_PHASE} phase: SINE_Finetune with compile on (issue 19's moonshot: 400 "
+                        "steps at 512 px in <= 15 s)")
     p.add_argument("--child-timeout", type=int, default=900, help="seconds before a child process is stopped")
     p.add_argument("--child", help=argparse.SUPPRESS)  # MODE:ROUND, internal
     a = p.parse_args(argv)
@@ -95,6 +101,7 @@ def parse_args(argv=None):
     if a.size % 64:
         p.error("--size must be a multiple of 64")
     a.gradient_checkpointing = a.family == "sdxl"  # SINE_Finetune's input of that name, and bare_unet's
+    a.phases = PHASES + ((COMPILE_PHASE,) if a.compile else ())
     a.mode_list = [m.strip() for m in a.modes.split(",") if m.strip()]
     bad = [m for m in a.mode_list if m not in MODE_FLAGS]
     if bad or not a.mode_list:
@@ -140,13 +147,15 @@ def child(a) -> dict:
         wall = timing.clock() - t0
         return {"s_per_unit": per_unit, "wall_s": wall, "peak_mib": peak.read()}
 
-    def finetune(r):
-        def fn(st):
-            w.sine_finetune(model, clip, vae, image, steps=a.train_steps, resolution=a.size, seed=seed + r,
-                            rank=a.rank, layers=a.layers, precision=precision,
-                            gradient_checkpointing=a.gradient_checkpointing)
-            return st.per_step(a.train_steps)
-        return phase(fn)
+    def finetune_run(compile: bool):
+        def run(r):
+            def fn(st):
+                w.sine_finetune(model, clip, vae, image, steps=a.train_steps, resolution=a.size, seed=seed + r,
+                                rank=a.rank, layers=a.layers, precision=precision,
+                                gradient_checkpointing=a.gradient_checkpointing, compile=compile)
+                return st.per_step(a.train_steps)
+            return phase(fn)
+        return run
 
     def sampling(kind):
         def run(r):
@@ -200,8 +209,10 @@ def child(a) -> dict:
             return (timing.clock() - t) / 2
         return phase(fn)
 
-    variants = {"ksampler": sampling("ksampler"), "finetune": finetune, "sine_sampling": sampling("sine"),
-                "sine_sweep8": sweep8, "bare_unet": bare, "vae_encode": vae_encode, "user_flow": user_flow}
+    variants = {"ksampler": sampling("ksampler"), "finetune": finetune_run(False), "sine_sampling": sampling("sine"),
+                "sine_sweep8": sweep8, "bare_unet": bare, "vae_encode": vae_encode, "user_flow": user_flow,
+                COMPILE_PHASE: finetune_run(True)}
+    variants = {ph: variants[ph] for ph in a.phases}
     stats = timing.interleaved(variants, repeats=1, warmup=1, log=lambda m: print(f"[{mode}] {m}", flush=True))
     info = {"device": torch.cuda.get_device_name() if cuda else f"cpu ({platform.processor() or platform.machine()})",
             "torch": torch.__version__, "comfyui": __import__("comfyui_version").__version__,
@@ -256,14 +267,14 @@ def report(a, infos: dict, stats: dict) -> None:
     header = ["mode / phase", "unit"] + timing.stats_header("s/unit") + ["wall s median", f"{mem} max"]
     rows = []
     for mode in a.mode_list:
-        for ph in PHASES:
+        for ph in a.phases:
             m = stats[mode][f"{ph}.s_per_unit"]
             rows.append([f"{mode} / {ph}", UNITS[ph]] + timing.stats_cells(m, 4)
                         + [f"{stats[mode][f'{ph}.wall_s'].median:.2f}", f"{stats[mode][f'{ph}.peak_mib'].max:.0f}"])
     print(timing.table(header, rows))
     print("\nratios of medians (s/unit):")
     for mode in a.mode_list:
-        st = {ph: stats[mode][f"{ph}.s_per_unit"] for ph in PHASES}
+        st = {ph: stats[mode][f"{ph}.s_per_unit"] for ph in a.phases}
         print(f"  {mode}: SINE sampling / KSampler = {timing.ratio_of_medians(st['sine_sampling'], st['ksampler']):.2f}x "
               f"(target <= 1.25x); SINE Sweep of 8 settings / one SINE run = "
               f"{timing.ratio_of_medians(st['sine_sweep8'], st['sine_sampling']):.2f}x (target <= 2x); "
@@ -271,10 +282,17 @@ def report(a, infos: dict, stats: dict) -> None:
               f"{timing.ratio_of_medians(st['finetune'], st['bare_unet']):.2f}x; one VAE encode / Finetune step = "
               f"{timing.ratio_of_medians(st['vae_encode'], st['finetune']):.2f} (the cost a fresh crop per step "
               f"would add to each step)")
+        if a.compile:
+            compiled = st[COMPILE_PHASE]
+            print(f"  {mode}: compiled SINE Finetune step / bare UNet fwd+bwd = "
+                  f"{timing.ratio_of_medians(compiled, st['bare_unet']):.2f}x, / uncompiled step = "
+                  f"{timing.ratio_of_medians(compiled, st['finetune']):.2f}x; 400 steps at this size = "
+                  f"{400 * compiled.median:.1f} s after the compile (target <= 15 s at 512 px; the compile itself "
+                  f"is in the phase's wall time: {stats[mode][f'{COMPILE_PHASE}.wall_s'].median:.1f} s median)")
     base = a.mode_list[0]
     for mode in a.mode_list[1:]:
         parts = [f"{ph} {timing.ratio_of_medians(stats[mode][f'{ph}.s_per_unit'], stats[base][f'{ph}.s_per_unit']):.2f}x"
-                 for ph in PHASES]
+                 for ph in a.phases]
         print(f"  {mode} / {base} s/unit: " + ", ".join(parts))
     if a.family == "sdxl":
         report_sdxl_target(a, stats)
