@@ -50,7 +50,7 @@ class TrainingSetup:
     device: torch.device
     dtype: torch.dtype | None        # autocast dtype, None = fp32
     views: mp.WeightViews            # the frozen weights' autograd-safe views, released before every load
-    router: RowRouter | AllRows      # the training model's: each forward gets its own state (merge groups)
+    router: RowRouter | AllRows      # the training model's: a state per forward (merge groups); AllRows compiled
     compiled: CompiledUNet | None    # the compile setting: the UNet that runs the training forward
 
     def unet_forward(self):
