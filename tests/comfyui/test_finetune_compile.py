@@ -10,10 +10,8 @@ import pytest
 import torch
 
 from comfyui_harness import WorkflowError
+from test_wrong_weights import fresh_run, max_difference
 from workflows_api import finetune_graph, txt2img
-
-_runs = iter(range(1000, 100000))
-
 
 @pytest.fixture
 def traced(comfy, monkeypatch):
@@ -37,19 +35,9 @@ def graph(fixtures, compile: bool, **finetune_inputs):
 
 
 def trained(comfy, g):
-    """Run `g` so that SINE Finetune trains (a save_every beyond its steps changes nothing but the inputs; the
-    in-memory states are forgotten): (adapter, losses)."""
-    g["finetune"]["inputs"]["save_every"] = next(_runs)
-    comfy.pack_module("nodes.training_cache")._recent.clear()
-    comfy.run(g)
-    adapter = comfy.node_output("finetune", 3)
+    """(adapter, losses) of `g` run so that SINE Finetune trains (test_wrong_weights.fresh_run)."""
+    adapter = fresh_run(comfy, g)
     return adapter, list(adapter.losses)
-
-
-def max_difference(a, b) -> float:
-    pa, pb = dict(a.named_parameters()), dict(b.named_parameters())
-    assert pa.keys() == pb.keys()
-    return max(float((pa[n] - pb[n]).abs().max()) for n in pa)
 
 
 def unet_state(comfy):

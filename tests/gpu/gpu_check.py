@@ -62,8 +62,8 @@ FIXTURE_NAME = {"sd15": "SD1.5-architecture random-weight fixture", "sdxl": "SDX
 SDXL_FINETUNE_TARGET_MIB = 12288  # issue 19: peak VRAM of an SDXL LoRA fine-tune <= 12 GB
 PHASES = ("ksampler", "finetune", "sine_sampling", "sine_sweep8", "bare_unet", "vae_encode", "user_flow")
 COMPILE_PHASE = "finetune_compiled"  # --compile
-UNITS = {"finetune": "step", COMPILE_PHASE: "step", "sine_sampling": "step", "sine_sweep8": "step", "ksampler": "step", "bare_unet": "step",
-         "vae_encode": "encode", "user_flow": "flow"}
+UNITS = {"finetune": "step", COMPILE_PHASE: "step", "sine_sampling": "step", "sine_sweep8": "step", "ksampler": "step",
+         "bare_unet": "step", "vae_encode": "encode", "user_flow": "flow"}
 
 
 def parse_args(argv=None):
