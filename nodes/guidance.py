@@ -106,7 +106,7 @@ def _entry_inputs():
     ]
 
 
-class SineGuider(comfy.samplers.CFGGuider):
+class SineGuider(guided_prediction.WindowedGuider):
     """CFG with SINE's conditional mix; `entries[i]` owns the batch rows of cond index 2 + i."""
 
     def __init__(self, model_patcher, entries: list[GuidanceEntry], node_name: str = "SINE Guider"):
@@ -131,10 +131,13 @@ class SineGuider(comfy.samplers.CFGGuider):
             self._weights[key] = [w.to(x.device) if isinstance(w, torch.Tensor) else w for w in weights]
         return self._weights[key]
 
-    def inner_sample(self, noise, latent_image, device, sampler, sigmas, *args, **kwargs):
+    def inner_sample(self, *args, **kwargs):
         # once per run: each entry's window in this model's sigmas (percent_to_sigma is constant for a run)
         self._windows = [window_sigmas(self.inner_model.model_sampling, e) for e in self.entries]
-        return super().inner_sample(noise, latent_image, device, sampler, sigmas, *args, **kwargs)
+        return super().inner_sample(*args, **kwargs)
+
+    def window_edges(self):
+        return [edge for window in self._windows for edge in window]
 
     def set_conds(self, positive, negative):
         conds = {"positive": positive, "negative": negative}
@@ -153,8 +156,8 @@ class SineGuider(comfy.samplers.CFGGuider):
             self._windows = [window_sigmas(model.model_sampling, e) for e in self.entries]
         guiding = [i for i, w in enumerate(weights)
                    if not (isinstance(w, (int, float)) and w == 0)]  # a zero weight everywhere: no forward rows
-        # the step's noise level decides which rows the batch holds: read on the host, only when an entry can guide
-        sigma = float(timestep[0]) if guiding else None
+        # the step's noise level decides which rows the batch holds: taken on the host, only when an entry can guide
+        sigma = self.step_sigma(timestep) if guiding else None
         active = [i for i in guiding if window_active(sigma, *self._windows[i])]
         return guided_prediction.predict_mixed(
             self, x, timestep, model_options, active,

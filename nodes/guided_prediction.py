@@ -3,19 +3,84 @@
 One batched `calc_cond_batch` per step over [edit prompt, negative, the active fine-tuned sources], the conditional
 mix, then ComfyUI's own pre-CFG functions and `cfg_function`: the guider mixes one weight per entry, the sweep one
 weight per batch row (sine_ops.guidance.mix_conditional_maps takes both). Also the two facts both nodes read the
-same way: an entry's window in sigmas and its (mask) weight over a latent.
+same way: an entry's window in sigmas and its (mask) weight over a latent. Both guiders derive from WindowedGuider,
+which takes each step's window decisions on the host without reading the step's sigma back from the device.
 """
 from __future__ import annotations
 
-from typing import Callable, Sequence
+import logging
+from typing import Callable, Iterable, Sequence
 
 import torch
 
 import comfy.samplers
 import comfy.utils
 
-from ..sine_ops.guidance import Weight, feather_mask, weight_map
+from ..sine_ops.guidance import ScheduledSigma, Weight, feather_mask, weight_map
 from . import model_patching as mp
+
+log = logging.getLogger("sine")
+
+# Samplers (sampler_key) seen calling the model off their schedule's steps in this process: their runs read every
+# step's sigma from the start instead of sampling twice.
+OFF_SCHEDULE_SAMPLERS: set[str] = set()
+
+
+class WindowedGuider(comfy.samplers.CFGGuider):
+    """A CFGGuider whose batch rows depend on the step's noise level (SINE Guider, SINE Sweep's guider).
+
+    The level decides the batch's shape, so the host must know it; reading the device's sigma at every step is a
+    host sync that drains the GPU queue. Each run instead holds the schedule on the host (sine_ops.guidance.
+    ScheduledSigma), follows the sampler's steps through its progress callback, and reads a sigma only in a step
+    that a window edge crosses. A sampler that calls the model off its schedule is caught after the run (one
+    read), and the run is sampled again reading every sigma: the result is the one a read per step gives."""
+
+    node_name = "SINE Guider"
+    schedule: ScheduledSigma | None = None  # set during a run that follows its sampler's steps
+
+    def window_edges(self) -> Iterable[float]:
+        """Every window's start and end sigma for this run."""
+        raise NotImplementedError
+
+    def step_sigma(self, timestep: torch.Tensor) -> float:
+        """The sigma this model call's window decisions are taken at (read from the device only where needed)."""
+        return float(timestep[0]) if self.schedule is None else self.schedule.sigma(timestep)
+
+    # CFGGuider.inner_sample(noise, latent_image, device, sampler, sigmas, denoise_mask, callback, disable_pbar,
+    # seed[, latent_shapes]): comfy/samplers.py @ a125cd84 (0.3.64) and @ 311c0140 (newest) alike up to `callback`
+    def inner_sample(self, noise, latent_image, device, sampler, sigmas, denoise_mask, callback, *args, **kwargs):
+        key = sampler_key(sampler)
+        if key not in OFF_SCHEDULE_SAMPLERS:
+            conds = dict(self.conds)  # process_conds replaces these lists: sampling again starts from them
+            schedule = self.schedule = ScheduledSigma(sigmas.tolist(), self.window_edges())  # one read, before
+            try:
+                samples = super().inner_sample(noise, latent_image, device, sampler, sigmas, denoise_mask,
+                                               _reporting_steps(schedule, callback), *args, **kwargs)
+            finally:
+                self.schedule = None
+            if not schedule.off_schedule():
+                return samples
+            OFF_SCHEDULE_SAMPLERS.add(key)
+            log.info(f"{self.node_name}: sampler {key} calls the model off its schedule's steps; sampling again, "
+                     "reading each step's noise level (from now on for this sampler).")
+            self.conds = conds
+        return super().inner_sample(noise, latent_image, device, sampler, sigmas, denoise_mask, callback,
+                                    *args, **kwargs)
+
+
+def sampler_key(sampler) -> str:
+    """A name for a ComfyUI sampler object: its sampler function's (KSAMPLER), else its class's."""
+    what = getattr(sampler, "sampler_function", None) or type(sampler)
+    return f"{getattr(what, '__module__', '?')}.{getattr(what, '__qualname__', repr(what))}"
+
+
+def _reporting_steps(schedule: ScheduledSigma, callback):
+    """The sampler callback, also telling `schedule` which step just finished."""
+    def report(step, denoised, x, total_steps):
+        schedule.step_done(step)
+        if callback is not None:
+            return callback(step, denoised, x, total_steps)
+    return report
 
 
 def window_sigmas(model_sampling, start_percent: float, end_percent: float) -> tuple[float, float]:

@@ -37,7 +37,7 @@ ROW_ORDER = ("Rows are prompt-major, then fine-tuned weight, then window end: ro
              "n_ends + end.")
 
 
-class SweepGuider(comfy.samplers.CFGGuider):
+class SweepGuider(gp.WindowedGuider):
     """A SINE Guider's model, conds and entries, sampling `rows` (one sweep row per batch row): entry 0 takes
     each row's weight and window end, the other entries (SINE Add Fine-tuned Model) keep theirs."""
 
@@ -48,6 +48,7 @@ class SweepGuider(comfy.samplers.CFGGuider):
             self.original_conds["positive"] = positive
         self.cfg = sine_guider.cfg
         self.entries, self.rows = sine_guider.entries, rows
+        self.node_name = NODE
         ms = self.model_patcher.get_model_object("model_sampling")
         windows = [[(e.start_percent, r.end_percent if i == 0 else e.end_percent) for r in rows]
                    for i, e in enumerate(self.entries)]
@@ -75,8 +76,11 @@ class SweepGuider(comfy.samplers.CFGGuider):
                                   for w in weights]
         return self._weights[key]
 
+    def window_edges(self):
+        return [edge for starts_ends in self.windows for sigmas in starts_ends for edge in sigmas]
+
     def predict_noise(self, x, timestep, model_options={}, seed=None):
-        sigma = float(timestep[0])
+        sigma = self.step_sigma(timestep)
         sources, weights = [], []
         for i, w in enumerate(self.row_weights(x)):
             if w is None:

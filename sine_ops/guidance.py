@@ -4,8 +4,10 @@ The mix is affine with weights summing to 1, so it applies unchanged to eps, x0 
 the same x_t and sigma. With masks, each weight is a map over the latent (spatial control of the mix): the same
 affine mix per pixel, so the same holds pixel by pixel.
 """
-from typing import Sequence
+import math
+from typing import Iterable, Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -42,6 +44,83 @@ def window_active(sigma: float, start_sigma: float, end_sigma: float) -> bool:
     """
     return end_sigma < sigma <= start_sigma
 
+
+
+class ScheduledSigma:
+    """The noise level of a sampler's model calls as the host needs it for the window decisions (which rows the
+    batch holds), without reading the device's sigma back at every step: each read is a host sync, which drains
+    the GPU queue.
+
+    The host holds the run's schedule `sigmas` (read once, before sampling) and the window `edges` (every start
+    and end sigma). The sampler reports each finished step (`step_done(i)`, from its progress callback, which
+    ComfyUI's samplers call right after a step's first model call), so the calls until the next report are the
+    rest of step i and the first call of step i + 1: their sigmas lie within sigmas[i + 1] .. sigmas[i]. Where no
+    edge lies in that span, every sigma in it decides every window alike, and `sigma()` answers sigmas[i] without
+    a read; where one does (one step per edge inside the schedule), it reads the sigma.
+
+    A sampler that calls the model elsewhere (its own step sizes, restart segments, look-ahead stages, no reports)
+    is caught without a read per step too: each unread call checks on the device that its sigma lies between the
+    same two edges, into one flag that `off_schedule()` reads once, after the run. The caller then samples again,
+    reading every sigma, so no result depends on this shortcut.
+    """
+
+    def __init__(self, sigmas: Sequence[float], edges: Iterable[float]):
+        self.sigmas = [float(s) for s in sigmas]
+        self.edges = sorted({float(e) for e in edges if math.isfinite(e)})
+        self.last_step = -1
+        self._cells: dict[int, tuple[float, float, float] | None] = {}  # last step -> cell(); constant per step
+        self._outside: torch.Tensor | None = None  # on the sigmas' device: True once a call left its cell
+
+    def step_done(self, step: int) -> None:
+        self.last_step = step
+
+    def cell(self) -> tuple[float, float, float] | None:
+        """(the span's top sigma, the edge below the span, the edge above it) for the calls until the next
+        report, or None when an edge lies within the span. The edges are -inf / inf where there is none."""
+        if self.last_step not in self._cells:
+            n = len(self.sigmas) - 1
+            top = min(max(self.last_step, 0), n)
+            span = self.sigmas[top:min(top + 1, n) + 1]
+            low, high = min(span), max(span)
+            if any(low <= e < high for e in self.edges):  # windows are end < sigma <= start
+                self._cells[self.last_step] = None
+            else:
+                self._cells[self.last_step] = (high, max((e for e in self.edges if e < low), default=-math.inf),
+                                               min((e for e in self.edges if e >= high), default=math.inf))
+        return self._cells[self.last_step]
+
+    def sigma(self, timestep: torch.Tensor) -> float:
+        """The sigma to take this call's window decisions at: timestep[0] itself, or a sigma that decides them
+        alike, with the device check queued (a comparison and an in-place OR per finite edge; no read)."""
+        cell = self.cell()
+        if cell is None:
+            return float(timestep[0])  # a window edge lies within this step: read it
+        top, below, above = cell
+        s = timestep[:1]
+        if s.dtype != torch.float64:
+            s = s.float()
+        if self._outside is None:
+            self._outside = torch.zeros(1, dtype=torch.bool, device=s.device)
+        if below > -math.inf:
+            self._outside.logical_or_(s <= _at_most(below, s.dtype))
+        if above < math.inf:
+            self._outside.logical_or_(s > _at_most(above, s.dtype))
+        return top
+
+    def off_schedule(self) -> bool:
+        """Whether a call's sigma fell outside the edges it was decided by (one read; call after the run)."""
+        return self._outside is not None and bool(self._outside)
+
+
+def _at_most(value: float, dtype: torch.dtype) -> float:
+    """The largest number of `dtype` (float32 or float64) <= value. A float32 tensor compares with a Python float
+    rounded to float32, which can round up; against this bound `s <= value` and `s > value` stay exact."""
+    if dtype == torch.float64:
+        return value
+    f = np.float32(value)
+    if float(f) > value:
+        f = np.nextafter(f, np.float32(-np.inf))
+    return float(f)
 
 # ---- spatial control: weight maps ---------------------------------------------------------------------------------
 Weight = float | torch.Tensor  # a scalar weight, or a (B, 1, H, W) map broadcast over the latent's channels

@@ -63,6 +63,21 @@ def reinitialise(module: torch.nn.Module, generator: torch.Generator) -> None:
             b.zero_()
 
 
+def proxy_sd15_model(channels: int, seed: int):
+    """An SD1.5-architecture MODEL (ModelPatcher) with `channels` model channels and seeded random weights, built
+    as a checkpoint loader builds one (ComfyUI's SD15 class, weights made in inference mode)."""
+    import comfy.model_management as mm
+    import comfy.model_patcher
+    import comfy.supported_models
+    with torch.inference_mode():
+        config = comfy.supported_models.SD15(dict(SD15_UNET_CONFIG, model_channels=channels, dtype=torch.float32))
+        config.set_inference_dtype(torch.float32, None)
+        base = config.get_model({}, device=mm.unet_offload_device())
+        reinitialise(base, torch.Generator().manual_seed(seed))
+    return comfy.model_patcher.ModelPatcher(base, load_device=mm.get_torch_device(),
+                                            offload_device=mm.unet_offload_device())
+
+
 def _atomic_save(save_fn, path: Path) -> None:
     tmp = path.with_name(path.name + ".partial")
     save_fn(str(tmp))

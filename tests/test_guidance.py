@@ -3,7 +3,8 @@ import pytest
 import torch
 
 from reference_forms import paper_window, sine_guidance
-from sine_ops.guidance import check_weight_sum, mix_conditional, mix_conditional_maps, window_active
+from sine_ops.guidance import (ScheduledSigma, check_weight_sum, mix_conditional, mix_conditional_maps,
+                                window_active)
 
 
 @pytest.fixture
@@ -65,3 +66,72 @@ def test_window_active_in_sigmas():
     assert paper_window(400) == (0.0, 0.6) and paper_window(500) == (0.0, 0.5)
     with pytest.raises(ValueError):
         paper_window(1001)
+
+
+# ---- ScheduledSigma: the step's sigma on the host without a read per step ----------------------------------------
+SCHEDULE = [14.6, 7.0, 3.0, 1.5, 0.8, 0.3, 0.0]
+EDGES = [1.2, 999999999.9]  # the paper window: start 0 (a huge sigma) and end 0.6
+
+
+def euler_calls(schedule: ScheduledSigma, sigmas, calls_per_step=1):
+    """Drive `schedule` as a k-diffusion sampler does (a step's first call, its report, its later calls) and
+    return, per call, (the sigma answered, whether it read the device)."""
+    out = []
+    for i, s in enumerate(sigmas[:-1]):
+        for k in range(calls_per_step):  # heun-like: the later calls of step i lie within sigmas[i + 1] .. sigmas[i]
+            sigma = s + (sigmas[i + 1] - s) * k / max(1, calls_per_step - 1)
+            read = schedule.cell() is None
+            out.append((schedule.sigma(torch.tensor([sigma], dtype=torch.float32)), read, sigma))
+            if k == 0:
+                schedule.step_done(i)
+    return out
+
+
+@pytest.mark.parametrize("calls_per_step", [1, 2])
+def test_scheduled_sigma_decides_as_a_read_and_reads_only_at_an_edge(calls_per_step):
+    schedule = ScheduledSigma(SCHEDULE, EDGES)
+    calls = euler_calls(schedule, SCHEDULE, calls_per_step)
+    start, end = EDGES[1], EDGES[0]
+    for answered, _, true_sigma in calls:
+        assert window_active(answered, start, end) == window_active(float(torch.tensor(true_sigma)), start, end)
+    reads = [true_sigma for _, read, true_sigma in calls if read]
+    assert len(reads) == calls_per_step  # only the step the edge 1.2 crosses (1.5 -> 0.8) reads
+    assert not schedule.off_schedule()
+
+
+def test_scheduled_sigma_catches_a_call_off_its_step():
+    """A call whose sigma is across an edge from the step it was attributed to is flagged (an adaptive sampler,
+    a sampler that reports no steps); one inside the same cell is not."""
+    schedule = ScheduledSigma(SCHEDULE, EDGES)
+    schedule.step_done(0)
+    assert schedule.sigma(torch.tensor([2.0])) == 14.6 and not schedule.off_schedule()  # same side of 1.2
+    schedule.sigma(torch.tensor([1.0]))
+    assert schedule.off_schedule()
+    never_reported = ScheduledSigma(SCHEDULE, EDGES)
+    for s in SCHEDULE[:-1]:
+        never_reported.sigma(torch.tensor([s]))
+    assert never_reported.off_schedule()
+
+
+def test_scheduled_sigma_edge_checks_are_exact_in_float32():
+    """An edge that float32 cannot hold: a float32 sigma just above it is outside the cell below it. Compared as a
+    Python float, the edge would be rounded to float32 (up, here) and the call would pass unflagged."""
+    import numpy as np
+    edge = float(np.float32(1.2)) - 1e-9  # between two float32 numbers, rounds up to float32(1.2)
+    sigma = torch.tensor([1.2], dtype=torch.float32)
+    assert float(sigma) > edge and float(torch.tensor(edge, dtype=torch.float32)) == float(sigma)
+    schedule = ScheduledSigma([1.0, 0.5, 0.0], [edge])  # the whole schedule lies below the edge
+    assert schedule.cell() == (1.0, -float("inf"), edge)
+    schedule.sigma(sigma)
+    assert schedule.off_schedule()
+
+
+def test_scheduled_sigma_adds_no_host_read():
+    from op_counter import OpCounter
+    schedule = ScheduledSigma(SCHEDULE, EDGES)
+    schedule.sigma(torch.tensor([14.6]))  # the first call makes the flag
+    schedule.step_done(0)
+    timestep = torch.tensor([7.0])
+    with OpCounter() as c:
+        schedule.sigma(timestep)
+    assert not sum(c.syncs.values()) and c.ops <= 4, (dict(c.syncs), c.ops)

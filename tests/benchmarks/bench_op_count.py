@@ -36,23 +36,6 @@ TARGETS = {"window": 1.30, "outside": 1.02, "finetune": 1.25}  # issue 19's CPU 
 WINDOW = (0.0, 0.6)  # the paper's window, as comfy_workloads.sample uses
 
 
-def proxy_model(channels: int, seed: int):
-    """An SD1.5-architecture MODEL (ModelPatcher) with `channels` model channels and seeded random weights, built
-    as a checkpoint loader builds one (ComfyUI's SD15 class, weights made in inference mode)."""
-    import torch
-    import comfy.model_management as mm
-    import comfy.model_patcher
-    import comfy.supported_models
-    from comfyui_fixtures import SD15_UNET_CONFIG, reinitialise
-    with torch.inference_mode():
-        config = comfy.supported_models.SD15(dict(SD15_UNET_CONFIG, model_channels=channels, dtype=torch.float32))
-        config.set_inference_dtype(torch.float32, None)
-        base = config.get_model({}, device=mm.unet_offload_device())
-        reinitialise(base, torch.Generator().manual_seed(seed))
-    return comfy.model_patcher.ModelPatcher(base, load_device=mm.get_torch_device(),
-                                            offload_device=mm.unet_offload_device())
-
-
 class StepCounts:
     """While entered: an OpCounter over everything, and its (ops, syncs) at every progress-bar update, so that
     per-step counts are the differences between updates (the hook installed before is passed on to)."""
@@ -109,10 +92,11 @@ def main():
     import comfy_workloads as w
     from op_counter import OpCounter
     s, fx = w.start(Path(args.work))
+    from comfyui_fixtures import proxy_sd15_model
     import comfy.samplers
     s.pack_module("nodes.training_run").PREVIEW_EVERY_S = None  # previews are bench_preview.py's subject
     ckpt_model, clip, vae = w.load_checkpoint(fx)
-    model = ckpt_model if args.channels == 0 else proxy_model(args.channels, w.FIXTURE_SEED)
+    model = ckpt_model if args.channels == 0 else proxy_sd15_model(args.channels, w.FIXTURE_SEED)
     image = w.source_image(fx)
     pos, neg, src = w.encode_text(clip, w.EDIT), w.encode_text(clip, ""), w.encode_text(clip, w.PROMPT)
     ft = w.sine_finetune(model, clip, vae, image, steps=2, resolution=args.size, seed=0, rank=args.rank,
@@ -169,11 +153,11 @@ def main():
     labels = [("KSampler step", "ksampler", None), ("SINE step in the window", "window", "ksampler"),
               ("SINE step outside the window", "outside", "ksampler"), ("bare UNet fwd+bwd", "bare", None),
               ("SINE Finetune step", "finetune", "bare")]
-    header = ["per step", "n"] + timing.stats_header("ops") + ["syncs median", "ratio", "target"]
+    header = ["per step", "n"] + timing.stats_header("ops") + ["syncs median (max)", "ratio", "target"]
     table = []
     for label, key, base in labels:
         cells = [label, str(ops[key].n), f"{ops[key].min:.0f}", f"{ops[key].median:.0f}", f"{ops[key].spread:.0f}",
-                 f"{syncs[key].median:.0f}"]
+                 f"{syncs[key].median:.0f} ({syncs[key].max:.0f})"]
         if base is None:
             cells += ["", ""]
         else:

@@ -1,0 +1,98 @@
+"""The guider's window decisions without a host read per step (issue 19), inside real ComfyUI: with every sampler
+ComfyUI lists, sampling follows the schedule on the host and gives what a read of every step's sigma gives, bit for
+bit; a step of a plain sampler reads nothing back, and only the step a window edge crosses reads its sigma."""
+import logging
+
+import pytest
+import torch
+
+EDIT = "photo of a dog wearing a superhero cape"
+# ComfyUI's samplers that call the model off their schedule's steps (their own step sizes or look-ahead stages):
+# the first run with one of them is sampled again, reading each sigma. Any other sampler doing so is a regression.
+OFF_SCHEDULE = {"dpm_fast", "dpm_adaptive", "heunpp2"}
+
+
+@pytest.fixture(scope="module")
+def guider(comfy, fixtures):
+    """A SINE Guider (weight 0.3, the paper window) on the SD1.5 architecture proxy (model_channels 32: every
+    layer of SD1.5 at almost no arithmetic, so that every sampler runs in seconds), fine-tuned for 2 steps."""
+    from comfyui_fixtures import proxy_sd15_model
+    mapping = comfy.nodes.NODE_CLASS_MAPPINGS
+    with torch.inference_mode():  # as ComfyUI's executor runs nodes
+        _, clip, vae = mapping["CheckpointLoaderSimple"]().load_checkpoint(fixtures["checkpoint"])[:3]
+        image = mapping["LoadImage"]().load_image(fixtures["source_image"])[0]
+        positive, negative = (mapping["CLIPTextEncode"]().encode(clip, text)[0] for text in (EDIT, ""))
+        model = proxy_sd15_model(32, seed=5)
+        finetuned = mapping["SINE_Finetune"].execute(
+            model=model, clip=clip, vae=vae, image=image, source_prompt="photo of a sks dog", preset="custom",
+            steps=2, learning_rate=1e-3, seed=0, method="lora", lora_rank=4, lora_alpha=4.0, layers="attention",
+            text_encoder="off", precision="auto", gradient_checkpointing=False, resize="stretch", resolution=64,
+            disk_cache=False).result
+        return mapping["SINE_Guider"].execute(
+            model=model, positive=positive, negative=negative, cfg=7.5, sine_adapter=finetuned[3],
+            source_conditioning=finetuned[2], finetuned_weight=0.3, start_percent=0.0, end_percent=0.6).result[0]
+
+
+def sample(samplers, guider, sampler_name: str, sigmas, callback=None):
+    noise = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(11))
+    with torch.inference_mode():  # as ComfyUI's executor runs SamplerCustomAdvanced
+        return guider.sample(noise, torch.zeros(1, 4, 8, 8), samplers.sampler_object(sampler_name), sigmas,
+                             callback=callback, disable_pbar=True, seed=3)
+
+
+def schedule_across_the_window_end(model_patcher, steps=4):
+    """A karras schedule whose window end (percent 0.6) falls strictly inside a middle step."""
+    from comfy import samplers
+    ms = model_patcher.get_model_object("model_sampling")
+    sigmas = samplers.calculate_sigmas(ms, "karras", steps)
+    end = float(ms.percent_to_sigma(0.6))
+    inside = [i for i in range(steps) if float(sigmas[i + 1]) < end < float(sigmas[i])]
+    assert inside and 0 < inside[0] < steps - 1, (sigmas, end)
+    return sigmas
+
+
+def test_every_sampler_decides_as_a_read_per_step(comfy, guider, caplog):
+    from comfy import samplers
+    gp = comfy.pack_module("nodes.guided_prediction")
+    sigmas = schedule_across_the_window_end(guider.model_patcher)
+    off, differ = set(), []
+    caplog.set_level(logging.INFO, logger="sine")
+    for name in samplers.KSampler.SAMPLERS:
+        key = gp.sampler_key(samplers.sampler_object(name))
+        gp.OFF_SCHEDULE_SAMPLERS.discard(key)
+        followed = sample(samplers, guider, name, sigmas)
+        if key in gp.OFF_SCHEDULE_SAMPLERS:
+            off.add(name)  # caught after its run, sampled again reading each sigma
+        gp.OFF_SCHEDULE_SAMPLERS.add(key)  # from here on this sampler's runs read every sigma
+        read = sample(samplers, guider, name, sigmas)
+        gp.OFF_SCHEDULE_SAMPLERS.discard(key)
+        if not torch.equal(followed, read):
+            differ.append((name, float((followed - read).abs().max())))
+    assert not differ, differ
+    assert off <= OFF_SCHEDULE, off - OFF_SCHEDULE
+    assert "dpm_adaptive" in off  # its own step sizes cross the window end off the schedule: caught
+    assert "SINE Guider: sampler comfy.samplers.ksampler.<locals>.dpm_adaptive_function calls the model off its " \
+           "schedule's steps; sampling again" in caplog.text
+
+
+def test_a_plain_sampling_step_reads_nothing_back(comfy, guider):
+    """Host syncs per sampling step (OpCounter between the sampler's step reports), SINE Guider vs ComfyUI's own
+    CFGGuider on the same model: SINE adds a read only in the step the window end crosses."""
+    from comfy import samplers
+    from op_counter import OpCounter
+    stock = samplers.CFGGuider(guider.model_patcher)
+    stock.original_conds = {k: guider.original_conds[k] for k in ("positive", "negative")}  # converted already
+    stock.set_cfg(guider.cfg)
+    sigmas = schedule_across_the_window_end(guider.model_patcher, steps=6)
+
+    def syncs_per_step(g):
+        sample(samplers, g, "euler", sigmas)  # warm-up: per-device adapter copies, caches
+        marks = []
+        with OpCounter() as c:
+            sample(samplers, g, "euler", sigmas, callback=lambda *a: marks.append(sum(c.syncs.values())))
+        return [b - a for a, b in zip(marks, marks[1:])]  # steps 1.. (step 0 holds the set-up)
+
+    base, sine = syncs_per_step(stock), syncs_per_step(guider)
+    assert len(sine) == len(base) == len(sigmas) - 2
+    added = [s - b for s, b in zip(sine, base)]
+    assert sorted(added) == [0] * (len(added) - 1) + [1], (sine, base)
