@@ -166,8 +166,7 @@ class SineFinetune(io.ComfyNode):
                                          "(a minute or more; cancel waits for it). Needs torch.compile to work "
                                          "here (Triton on an NVIDIA/AMD GPU, a C++ compiler on the CPU); if it "
                                          "cannot, the node stops and says so. The result equals an uncompiled "
-                                         "run's within float rounding, so the cache treats them as one. Not with "
-                                         "patch_config yet."),
+                                         "run's within float rounding, so the cache treats them as one."),
             ],
             outputs=[
                 io.Model.Output(display_name="model", tooltip="The fine-tuned model (a clone; usable in KSampler)."),

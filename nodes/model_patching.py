@@ -33,7 +33,7 @@ _FAMILIES = {"SD15": "sd1", "SD20": "sd2", "SD21UnclipL": "sd2", "SD21UnclipH": 
              "KOALA_1B": "sdxl"}
 
 # transformer_options keys this pack sets per call
-CROP_BOXES_KEY = "sine_crop_boxes"   # (B, 4) grid boxes of the training crops in this forward
+CROP_GRID_KEY = "sine_crop_grid"     # (B, C, H, W) the training crops' windows of the positional grid, this forward
 COND_OWNER_KEY = "sine_cond_owner"   # cond index -> adapter id (-1 = base model) for this sampling step
 FINETUNED_FLAG = "sine_finetuned"    # on SINE Finetune's MODEL output: the guider refuses it as a base
 
@@ -285,35 +285,46 @@ def attach_gradient_checkpointing(patcher) -> None:
             patcher.add_object_patch(f"diffusion_model.{prefix}.{i}.forward", _checkpointed(block))
 
 
+class PositionalGrids:
+    """Each patch-trained adapter's fixed positional grid, made once per (grid size, channels, device), and its
+    windows resized to a feature map."""
+
+    def __init__(self):
+        self._grids: dict = {}
+
+    def windows(self, adapter: SineAdapter, boxes: torch.Tensor | None, channels: int, hw: tuple,
+                device) -> torch.Tensor:
+        """(B, C, *hw): each box's window of the grid (boxes (B, 4) on the CPU); boxes None: (1, C, *hw), the
+        whole grid (sampling at any size: the whole canvas is the whole source image)."""
+        key = (adapter.patch.grid_size, channels, str(device))
+        if key not in self._grids:
+            self._grids[key] = positional_grid(adapter.patch.grid_size, channels).to(device)
+        return grid_for_boxes(self._grids[key], boxes, hw, adapter.patch.interpolation)
+
+
 class GridInjector:
     """input_block_patch adding SINE's positional grid at ("input", 0) to the rows of patch-trained adapters.
 
-    The call's transformer_options may carry CROP_BOXES_KEY (B, 4): per-row grid windows of training crops;
-    without it the full grid is resized to the latent (sampling at any size: the whole canvas is the whole
-    source image).
+    A training forward's transformer_options carry CROP_GRID_KEY: the crops' grid windows, made by the training
+    loop before the forward (the boxes are read on the host, which a compiled forward cannot do); without it the
+    whole grid is resized to the feature map.
     """
 
     def __init__(self, router: RowRouter, adapters: dict[int, SineAdapter]):
         self.router = router
         self.adapters = {i: a for i, a in adapters.items() if a.patch is not None and a.grid_enabled}
-        self._grids: dict = {}
-
-    def _grid(self, adapter: SineAdapter, channels: int, device) -> torch.Tensor:
-        key = (adapter.patch.grid_size, channels, str(device))
-        if key not in self._grids:
-            self._grids[key] = positional_grid(adapter.patch.grid_size, channels).to(device)
-        return self._grids[key]
+        self.grids = PositionalGrids()
 
     def __call__(self, h: torch.Tensor, transformer_options: dict) -> torch.Tensor:
         if transformer_options.get("block") != ("input", 0):
             return h
-        boxes = transformer_options.get(CROP_BOXES_KEY)
+        crop_grid = transformer_options.get(CROP_GRID_KEY)
         for adapter_id, adapter in self.adapters.items():
             rows = self.router.rows(adapter_id, h.shape[0], h.device)
             if rows is None:
                 continue
-            grid = grid_for_boxes(self._grid(adapter, h.shape[1], h.device), boxes, tuple(h.shape[-2:]),
-                                  adapter.patch.interpolation)
+            grid = crop_grid if crop_grid is not None else \
+                self.grids.windows(adapter, None, h.shape[1], tuple(h.shape[-2:]), h.device)
             h = add_grid_to_rows(h, grid * adapter.grid_scale, rows)
         return h
 

@@ -267,10 +267,6 @@ def _snapshot(adapter: SineAdapter, progress: TrainProgress, prior: list[float],
 def _prepare(model, clip, vae, image, source_prompt, settings, patch, generator, mask=None,
              compile: bool = False) -> TrainingSetup:
     family = mp.model_family(model)
-    if patch is not None and compile:
-        raise InputError("compile", "patch-based fine-tuning (patch_config) is not compiled yet: each step's crop "
-                                    "window of the positional grid is read on the host inside the forward. Set "
-                                    "compile to false, or disconnect patch_config")
     if patch is not None:
         if not mp.has_unet_input_conv(model):
             raise InputError("patch_config", f"patch-based fine-tuning needs a UNet with an input conv (SD1.x/"
@@ -352,6 +348,8 @@ def _train_loop(s: TrainingSetup, settings: FinetuneSettings, progress: TrainPro
     _load(s, s.model)
     transformer_options = s.model.model_options["transformer_options"]
     recon = s.adapter.patch is not None and s.adapter.patch.recon_loss
+    grids = mp.PositionalGrids()  # patch mode: each step's crop window of the grid, made before the forward
+    grid_channels = s.model.model.diffusion_model.model_channels  # the feature map the grid is added to
     last = {}  # the latest step's denoised prediction, for the live preview
     frozen_inputs = {}  # latent shape -> the frozen prompt's model inputs, made and moved to the device once
 
@@ -375,7 +373,9 @@ def _train_loop(s: TrainingSetup, settings: FinetuneSettings, progress: TrainPro
         sigma, _, x = noisy_latent(ms, x0, generator)
         # a copy per step: ComfyUI's forward adds keys to the dict it is given, and a compiled step would be
         # compiled again for a dict that grew
-        options = {**transformer_options, **({} if box is None else {mp.CROP_BOXES_KEY: box})}
+        options = dict(transformer_options)
+        if box is not None and s.adapter.grid_enabled:
+            options[mp.CROP_GRID_KEY] = grids.windows(s.adapter, box, grid_channels, tuple(x.shape[-2:]), s.device)
         with torch.autocast(s.device.type, dtype=s.dtype, enabled=s.dtype is not None), s.unet_forward():
             denoised = s.model.model.apply_model(x, sigma, transformer_options=options, **prompt_inputs(x))
         last["denoised"] = denoised.detach()

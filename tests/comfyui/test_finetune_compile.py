@@ -97,11 +97,24 @@ def test_a_failing_compile_names_the_input(comfy, fixtures, traced, monkeypatch)
     assert "no compiler on this machine" in message
 
 
-def test_patch_mode_is_refused_by_name(comfy, fixtures, traced):
+@pytest.mark.parametrize("crop_bank", [0, 4], ids=["fresh_crops", "crop_bank"])
+def test_patch_mode_compiled_equals_uncompiled_with_no_graph_break(comfy, fixtures, traced, crop_bank):
+    """Patch mode: each step's crop window of the positional grid (and the learnable grid gate) goes into the one
+    compiled graph as an input, made before the forward from the step's box."""
     patch = {"working_size": 128, "train_resolution": 64, "min_crop_frac": 0.1, "max_crop_frac": 1.0,
-             "whole_image_prob": 0.0, "grid_size": 16, "interpolation": "bilinear", "grid_gate": False,
-             "crop_bank": 0, "recon_loss": False}
-    g = finetune_graph(fixtures["checkpoint"], fixtures["source_image"], steps=3, lr=1e-3, seed=1904, patch=patch)
-    g["finetune"]["inputs"].update(disk_cache=False, compile=True)
-    with pytest.raises(WorkflowError, match="input 'compile': patch-based fine-tuning"):
-        trained(comfy, g)
+             "whole_image_prob": 0.0, "grid_size": 16, "interpolation": "bilinear", "grid_gate": True,
+             "crop_bank": crop_bank, "recon_loss": False}
+
+    def patch_graph(compile):
+        g = finetune_graph(fixtures["checkpoint"], fixtures["source_image"], steps=3, lr=1e-3, seed=1904,
+                           patch=patch)
+        g["finetune"]["inputs"].update(disk_cache=False, compile=compile)
+        return g
+
+    eager, eager_losses = trained(comfy, patch_graph(False))
+    compiled, compiled_losses = trained(comfy, patch_graph(True))
+    assert traced["stats"]["unique_graphs"] >= 1, "nothing was compiled: no test"
+    assert not traced["graph_break"], dict(traced["graph_break"])
+    assert compiled_losses == pytest.approx(eager_losses, rel=1e-4)
+    assert max_difference(compiled, eager) < 1e-5
+    assert abs(float(compiled.grid_gate) - float(eager.grid_gate)) < 1e-6
