@@ -45,7 +45,6 @@ def window_active(sigma: float, start_sigma: float, end_sigma: float) -> bool:
     return end_sigma < sigma <= start_sigma
 
 
-
 class ScheduledSigma:
     """The noise level of a sampler's model calls as the host needs it for the window decisions (which rows the
     batch holds), without reading the device's sigma back at every step: each read is a host sync, which drains
@@ -121,6 +120,7 @@ def _at_most(value: float, dtype: torch.dtype) -> float:
     if float(f) > value:
         f = np.nextafter(f, np.float32(-np.inf))
     return float(f)
+
 
 # ---- spatial control: weight maps ---------------------------------------------------------------------------------
 Weight = float | torch.Tensor  # a scalar weight, or a (B, 1, H, W) map broadcast over the latent's channels
