@@ -75,7 +75,7 @@ EDGES = [1.2, 999999999.9]  # the paper window: start 0 (a huge sigma) and end 0
 
 def euler_calls(schedule: ScheduledSigma, sigmas, calls_per_step=1):
     """Drive `schedule` as a k-diffusion sampler does (a step's first call, its report, its later calls) and
-    return, per call, (the sigma answered, whether it read the device)."""
+    return, per call, (the sigma answered, whether it read the device, the call's sigma)."""
     out = []
     for i, s in enumerate(sigmas[:-1]):
         for k in range(calls_per_step):  # heun-like: the later calls of step i lie within sigmas[i + 1] .. sigmas[i]
