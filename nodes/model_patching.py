@@ -183,6 +183,10 @@ class WeightViews:
 
     def __init__(self):
         self._views: dict[int, tuple[torch.Tensor, int, torch.Tensor]] = {}  # id -> (weight, address, view)
+        # installed(): (root, the parameter dicts of its modules that own weights), found once: walking the UNet's
+        # ~850 modules at every step made a swap 1.3 ms instead of 0.5 ms (SD1.5, CPU). Loads move weights but keep
+        # the modules and their parameter dicts.
+        self._owners: tuple[torch.nn.Module, list[dict]] | None = None
 
     def of(self, weight: torch.Tensor) -> torch.Tensor:
         entry = self._views.get(id(weight))
@@ -198,13 +202,14 @@ class WeightViews:
         """Every weight under `root` replaced by its view for the enclosed forward, then given back: the compiled
         training forward, which must not take views itself (torch.compile cannot trace them). The uncompiled one
         swaps per layer instead (TrainableWeights), which gradient checkpointing's recompute needs."""
+        if self._owners is None or self._owners[0] is not root:
+            self._owners = (root, [m._parameters for m in root.modules()
+                                   if any(p is not None for p in m._parameters.values())])
         swapped = []
-        for module in root.modules():
-            params = module._parameters
+        for params in self._owners[1]:
             own = {name: p for name, p in params.items() if p is not None}
-            if own:
-                swapped.append((params, own))
-                params.update({name: self.of(p) for name, p in own.items()})
+            swapped.append((params, own))
+            params.update({name: self.of(p) for name, p in own.items()})
         try:
             yield
         finally:
