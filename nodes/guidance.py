@@ -21,7 +21,7 @@ import latent_preview
 from comfy_api.latest import io
 
 from ..sine_ops.adapters import RowRouter
-from ..sine_ops.guidance import Weight, check_weight_sum, mix_conditional_maps, window_active
+from ..sine_ops.guidance import Weight, check_weight_sum, window_active
 from ..sine_ops.sine_adapter import SineAdapter
 from . import guided_prediction
 from . import memory_guard
@@ -156,12 +156,13 @@ class SineGuider(guided_prediction.WindowedGuider):
             self._windows = [window_sigmas(model.model_sampling, e) for e in self.entries]
         guiding = [i for i, w in enumerate(weights)
                    if not (isinstance(w, (int, float)) and w == 0)]  # a zero weight everywhere: no forward rows
-        # the step's noise level decides which rows the batch holds: taken on the host, only when an entry can guide
-        sigma = self.step_sigma(timestep) if guiding else None
-        active = [i for i in guiding if window_active(sigma, *self._windows[i])]
-        return guided_prediction.predict_mixed(
-            self, x, timestep, model_options, active,
-            lambda edit, finetuned: mix_conditional_maps(edit, finetuned, [weights[i] for i in active]))
+        if not guiding:
+            return guided_prediction.predict_mixed(self, x, timestep, model_options, [], lambda edit, _: edit)
+
+        def decide(sigma: float):  # the entries guiding at this noise level, and their weights
+            active = [i for i in guiding if window_active(sigma, *self._windows[i])]
+            return active, [weights[i] for i in active]
+        return self.predict_windowed(x, timestep, model_options, decide)
 
 
 def window_sigmas(model_sampling, entry: GuidanceEntry) -> tuple[float, float]:

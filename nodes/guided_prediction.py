@@ -16,7 +16,7 @@ import torch
 import comfy.samplers
 import comfy.utils
 
-from ..sine_ops.guidance import ScheduledSigma, Weight, feather_mask, weight_map
+from ..sine_ops.guidance import ScheduledSigma, Weight, feather_mask, mix_conditional_maps, weight_map
 from . import model_patching as mp
 
 log = logging.getLogger("sine")
@@ -31,9 +31,10 @@ class WindowedGuider(comfy.samplers.CFGGuider):
 
     The level decides the batch's shape, so the host must know it; reading the device's sigma at every step is a
     host sync that drains the GPU queue. Each run instead holds the schedule on the host (sine_ops.guidance.
-    ScheduledSigma), follows the sampler's steps through its progress callback, and reads a sigma only in a step
-    that a window edge crosses. A sampler that calls the model off its schedule is caught after the run (one
-    read), and the run is sampled again reading every sigma: the result is the one a read per step gives."""
+    ScheduledSigma), follows the sampler's steps through its progress callback, and reads no sigma: in the step
+    that a window edge crosses, the device picks between the two sides' mixes (predict_windowed). A sampler that
+    calls the model off its schedule is caught after the run (one read), and the run is sampled again reading
+    every sigma: the result is the one a read per step gives."""
 
     node_name = "SINE Guider"
     schedule: ScheduledSigma | None = None  # set during a run that follows its sampler's steps
@@ -42,9 +43,31 @@ class WindowedGuider(comfy.samplers.CFGGuider):
         """Every window's start and end sigma for this run."""
         raise NotImplementedError
 
-    def step_sigma(self, timestep: torch.Tensor) -> float:
-        """The sigma this model call's window decisions are taken at (read from the device only where needed)."""
-        return float(timestep[0]) if self.schedule is None else self.schedule.sigma(timestep)
+    def predict_windowed(self, x, timestep, model_options: dict,
+                         decide: Callable[[float], tuple[Sequence[int], Sequence[Weight]]]) -> torch.Tensor:
+        """predict_mixed with the sources and weights that `decide(sigma)` gives at this call's noise level.
+
+        Without a schedule (a call outside inner_sample, a sampler that calls off its schedule) the level is read
+        from the device. Otherwise the schedule answers a sigma that decides alike without a read; in the one step
+        per window edge that the edge crosses it answers one per side, and then the batch holds every source
+        either side needs, each side's mix is made, and the device picks the one of the call's side. That step
+        computes the rows of one side more than it needs, instead of draining the GPU queue."""
+        if self.schedule is None:
+            deciding = (float(timestep[0]),)
+        else:
+            deciding = self.schedule.decision_sigmas(timestep)
+        decisions = [decide(sigma) for sigma in deciding]
+        if len(decisions) == 1:
+            sources, weights = decisions[0]
+            return predict_mixed(self, x, timestep, model_options, sources,
+                                 lambda edit, finetuned: mix_conditional_maps(edit, finetuned, weights))
+        union = sorted({i for sources, _ in decisions for i in sources})  # in entry order, as each side's
+
+        def mix_each_side(edit, finetuned):
+            output = dict(zip(union, finetuned))
+            return self.schedule.pick(timestep, [mix_conditional_maps(edit, [output[i] for i in sources], weights)
+                                                 for sources, weights in decisions])
+        return predict_mixed(self, x, timestep, model_options, union, mix_each_side)
 
     # CFGGuider.inner_sample(noise, latent_image, device, sampler, sigmas, denoise_mask, callback, disable_pbar,
     # seed[, latent_shapes]): comfy/samplers.py @ a125cd84 (0.3.64) and @ 311c0140 (newest) alike up to `callback`

@@ -25,7 +25,7 @@ import latent_preview
 from comfy_api.latest import io
 
 from ..sine_ops import sweep as sw
-from ..sine_ops.guidance import check_weight_sum, mix_conditional_maps
+from ..sine_ops.guidance import check_weight_sum
 from . import guided_prediction as gp
 from . import memory_guard
 from .errors import InputError, SineNodeError, node_errors
@@ -80,20 +80,22 @@ class SweepGuider(gp.WindowedGuider):
         return [edge for starts_ends in self.windows for sigmas in starts_ends for edge in sigmas]
 
     def predict_noise(self, x, timestep, model_options={}, seed=None):
-        sigma = self.step_sigma(timestep)
-        sources, weights = [], []
-        for i, w in enumerate(self.row_weights(x)):
-            if w is None:
-                continue
-            flags = sw.window_flags(sigma, *self.windows[i])
-            if any(flags):
-                key = (i, flags)
-                if key not in self._flagged:
-                    self._flagged[key] = sw.flagged(w, flags)
-                sources.append(i)
-                weights.append(self._flagged[key])
-        return gp.predict_mixed(self, x, timestep, model_options, sources,
-                                lambda edit, finetuned: mix_conditional_maps(edit, finetuned, weights))
+        row_weights = self.row_weights(x)
+
+        def decide(sigma: float):  # the entries guiding some row at this noise level, with the others' rows at 0
+            sources, weights = [], []
+            for i, w in enumerate(row_weights):
+                if w is None:
+                    continue
+                flags = sw.window_flags(sigma, *self.windows[i])
+                if any(flags):
+                    key = (i, flags)
+                    if key not in self._flagged:
+                        self._flagged[key] = sw.flagged(w, flags)
+                    sources.append(i)
+                    weights.append(self._flagged[key])
+            return sources, weights
+        return self.predict_windowed(x, timestep, model_options, decide)
 
 
 # ---- the edit prompts -------------------------------------------------------------------------------------------

@@ -47,19 +47,20 @@ def window_active(sigma: float, start_sigma: float, end_sigma: float) -> bool:
 
 class ScheduledSigma:
     """The noise level of a sampler's model calls as the host needs it for the window decisions (which rows the
-    batch holds), without reading the device's sigma back at every step: each read is a host sync, which drains
-    the GPU queue.
+    batch holds), without reading the device's sigma back: each read is a host sync, which drains the GPU queue.
 
     The host holds the run's schedule `sigmas` (read once, before sampling) and the window `edges` (every start
     and end sigma). The sampler reports each finished step (`step_done(i)`, from its progress callback, which
     ComfyUI's samplers call right after a step's first model call), so the calls until the next report are the
     rest of step i and the first call of step i + 1: their sigmas lie within sigmas[i + 1] .. sigmas[i]. Where no
-    edge lies in that span, every sigma in it decides every window alike, and `sigma()` answers sigmas[i] without
-    a read; where one does (one step per edge inside the schedule), it reads the sigma.
+    edge lies in that span, every sigma in it decides every window alike: `decision_sigmas()` answers sigmas[i]
+    alone. Where edges do (one step per edge inside the schedule), the span falls into cells, one per side of
+    each edge: it answers one sigma per cell, the caller computes a result for each, and `pick()` selects on the
+    device the one of the cell that holds the call's sigma. No call reads its sigma.
 
     A sampler that calls the model elsewhere (its own step sizes, restart segments, look-ahead stages, no reports)
-    is caught without a read per step too: each unread call checks on the device that its sigma lies between the
-    same two edges, into one flag that `off_schedule()` reads once, after the run. The caller then samples again,
+    is caught without a read per step too: each call checks on the device that its sigma lies between the edges
+    around its span, into one flag that `off_schedule()` reads once, after the run. The caller then samples again,
     reading every sigma, so no result depends on this shortcut.
     """
 
@@ -67,48 +68,63 @@ class ScheduledSigma:
         self.sigmas = [float(s) for s in sigmas]
         self.edges = sorted({float(e) for e in edges if math.isfinite(e)})
         self.last_step = -1
-        self._cells: dict[int, tuple[float, float, float] | None] = {}  # last step -> cell(); constant per step
-        self._outside: torch.Tensor | None = None  # on the sigmas' device: True once a call left its cell
+        # last step -> cell(), constant per step
+        self._cells: dict[int, tuple[tuple[float, ...], float, float]] = {}
+        self._outside: torch.Tensor | None = None  # on the sigmas' device: True once a call left its span's edges
 
     def step_done(self, step: int) -> None:
         self.last_step = step
 
-    def cell(self) -> tuple[float, float, float] | None:
-        """(the span's top sigma, the edge below the span, the edge above it) for the calls until the next
-        report, or None when an edge lies within the span. The edges are -inf / inf where there is none."""
+    def cell(self) -> tuple[tuple[float, ...], float, float]:
+        """For the calls until the next report: (the sigmas that decide them, the edge below their span, the edge
+        above it). The deciding sigmas are the span's top, then each edge within the span, descending; the k-th
+        decides the calls whose sigma lies between edge k (exclusive, as windows are end < sigma <= start) and
+        the edge before it. The edges around the span are -inf / inf where there is none."""
         if self.last_step not in self._cells:
             n = len(self.sigmas) - 1
             top = min(max(self.last_step, 0), n)
             span = self.sigmas[top:min(top + 1, n) + 1]
             low, high = min(span), max(span)
-            if any(low <= e < high for e in self.edges):  # windows are end < sigma <= start
-                self._cells[self.last_step] = None
-            else:
-                self._cells[self.last_step] = (high, max((e for e in self.edges if e < low), default=-math.inf),
-                                               min((e for e in self.edges if e >= high), default=math.inf))
+            within = sorted((e for e in self.edges if low <= e < high), reverse=True)
+            self._cells[self.last_step] = ((high, *within), max((e for e in self.edges if e < low), default=-math.inf),
+                                           min((e for e in self.edges if e >= high), default=math.inf))
         return self._cells[self.last_step]
 
-    def sigma(self, timestep: torch.Tensor) -> float:
-        """The sigma to take this call's window decisions at: timestep[0] itself, or a sigma that decides them
-        alike, with the device check queued (a comparison and an in-place OR per finite edge; no read)."""
-        cell = self.cell()
-        if cell is None:
-            return float(timestep[0])  # a window edge lies within this step: read it
-        top, below, above = cell
-        s = timestep[:1]
-        if s.dtype != torch.float64:
-            s = s.float()
+    def decision_sigmas(self, timestep: torch.Tensor) -> tuple[float, ...]:
+        """The sigmas to take this call's window decisions at: one, or one per cell of a span that window edges
+        cross (then the caller hands a result for each to `pick`). Queues the device check of the call's sigma
+        against the edges around its span (a comparison and an in-place OR per finite edge; no read)."""
+        deciding, below, above = self.cell()
+        s = _device_sigma(timestep)
         if self._outside is None:
-            self._outside = torch.zeros(1, dtype=torch.bool, device=s.device)
+            self._outside = torch.zeros((), dtype=torch.bool, device=s.device)
         if below > -math.inf:
             self._outside.logical_or_(s <= _at_most(below, s.dtype))
         if above < math.inf:
             self._outside.logical_or_(s > _at_most(above, s.dtype))
-        return top
+        return deciding
+
+    def pick(self, timestep: torch.Tensor, results: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Of `results`, one per sigma `decision_sigmas` answered, the one of the cell that holds the call's sigma,
+        selected on the device (a comparison and a where per edge)."""
+        deciding = self.cell()[0]
+        if len(results) != len(deciding):
+            raise ValueError(f"got {len(results)} results for {len(deciding)} cells")
+        s = _device_sigma(timestep)
+        out = results[0]
+        for edge, result in zip(deciding[1:], results[1:]):  # descending edges: the lowest cell that holds s wins
+            out = torch.where(s <= _at_most(edge, s.dtype), result, out)
+        return out
 
     def off_schedule(self) -> bool:
-        """Whether a call's sigma fell outside the edges it was decided by (one read; call after the run)."""
+        """Whether a call's sigma fell outside the edges around its span (one read; call after the run)."""
         return self._outside is not None and bool(self._outside)
+
+
+def _device_sigma(timestep: torch.Tensor) -> torch.Tensor:
+    """A model call's sigma as a 0-dim tensor on its device, float32 or float64 (no read)."""
+    s = timestep[0]
+    return s if s.dtype in (torch.float32, torch.float64) else s.float()
 
 
 def _at_most(value: float, dtype: torch.dtype) -> float:

@@ -75,63 +75,90 @@ EDGES = [1.2, 999999999.9]  # the paper window: start 0 (a huge sigma) and end 0
 
 def euler_calls(schedule: ScheduledSigma, sigmas, calls_per_step=1):
     """Drive `schedule` as a k-diffusion sampler does (a step's first call, its report, its later calls) and
-    return, per call, (the sigma answered, whether it read the device, the call's sigma)."""
+    return, per call, (the sigma that decides it, how many sigmas `decision_sigmas` answered, the call's sigma).
+    The deciding sigma is the one `pick` selects on the "device" when several were answered."""
     out = []
     for i, s in enumerate(sigmas[:-1]):
         for k in range(calls_per_step):  # heun-like: the later calls of step i lie within sigmas[i + 1] .. sigmas[i]
             sigma = s + (sigmas[i + 1] - s) * k / max(1, calls_per_step - 1)
-            read = schedule.cell() is None
-            out.append((schedule.sigma(torch.tensor([sigma], dtype=torch.float32)), read, sigma))
+            timestep = torch.tensor([sigma], dtype=torch.float32)
+            deciding = schedule.decision_sigmas(timestep)
+            picked = schedule.pick(timestep, [torch.tensor(d, dtype=torch.float64) for d in deciding])
+            out.append((float(picked), len(deciding), sigma))
             if k == 0:
                 schedule.step_done(i)
     return out
 
 
 @pytest.mark.parametrize("calls_per_step", [1, 2])
-def test_scheduled_sigma_decides_as_a_read_and_reads_only_at_an_edge(calls_per_step):
+def test_scheduled_sigma_decides_as_a_read_and_splits_only_at_an_edge(calls_per_step):
     schedule = ScheduledSigma(SCHEDULE, EDGES)
     calls = euler_calls(schedule, SCHEDULE, calls_per_step)
     start, end = EDGES[1], EDGES[0]
-    for answered, _, true_sigma in calls:
-        assert window_active(answered, start, end) == window_active(float(torch.tensor(true_sigma)), start, end)
-    reads = [true_sigma for _, read, true_sigma in calls if read]
-    assert len(reads) == calls_per_step  # only the step the edge 1.2 crosses (1.5 -> 0.8) reads
+    for decided, _, true_sigma in calls:
+        assert window_active(decided, start, end) == window_active(float(torch.tensor(true_sigma)), start, end)
+    split = [true_sigma for _, answered, true_sigma in calls if answered > 1]
+    # only the calls after the report of the step the edge 1.2 crosses (1.5 -> 0.8) are decided on both sides:
+    # the next step's first call and, heun-like, the step's later call (both at 0.8)
+    assert split == [0.8] * calls_per_step
     assert not schedule.off_schedule()
 
 
+def test_scheduled_sigma_picks_each_side_of_every_edge_in_a_span():
+    """Two edges inside one step: three cells, each call picks the result of its own, the edges themselves
+    belonging to the cell below them (windows are end < sigma <= start)."""
+    schedule = ScheduledSigma([4.0, 1.0, 0.0], [3.0, 2.0])
+    deciding = schedule.decision_sigmas(torch.tensor([4.0]))
+    assert deciding == (4.0, 3.0, 2.0)
+    results = [torch.tensor(float(k)) for k in range(3)]
+    for sigma, cell in [(4.0, 0), (3.5, 0), (3.0, 1), (2.5, 1), (2.0, 2), (1.0, 2)]:
+        assert float(schedule.pick(torch.tensor([sigma]), results)) == cell, sigma
+    with pytest.raises(ValueError):
+        schedule.pick(torch.tensor([4.0]), results[:2])
+
+
 def test_scheduled_sigma_catches_a_call_off_its_step():
-    """A call whose sigma is across an edge from the step it was attributed to is flagged (an adaptive sampler,
+    """A call whose sigma is across an edge from the span it was attributed to is flagged (an adaptive sampler,
     a sampler that reports no steps); one inside the same cell is not."""
     schedule = ScheduledSigma(SCHEDULE, EDGES)
     schedule.step_done(0)
-    assert schedule.sigma(torch.tensor([2.0])) == 14.6 and not schedule.off_schedule()  # same side of 1.2
-    schedule.sigma(torch.tensor([1.0]))
+    assert schedule.decision_sigmas(torch.tensor([2.0])) == (14.6,) and not schedule.off_schedule()  # above 1.2
+    schedule.decision_sigmas(torch.tensor([1.0]))
     assert schedule.off_schedule()
     never_reported = ScheduledSigma(SCHEDULE, EDGES)
     for s in SCHEDULE[:-1]:
-        never_reported.sigma(torch.tensor([s]))
+        never_reported.decision_sigmas(torch.tensor([s]))
     assert never_reported.off_schedule()
 
 
 def test_scheduled_sigma_edge_checks_are_exact_in_float32():
     """An edge that float32 cannot hold: a float32 sigma just above it is outside the cell below it. Compared as a
-    Python float, the edge would be rounded to float32 (up, here) and the call would pass unflagged."""
+    Python float, the edge would be rounded to float32 (up, here), the call would pass unflagged, and `pick` would
+    give it the cell below."""
     import numpy as np
     edge = float(np.float32(1.2)) - 1e-9  # between two float32 numbers, rounds up to float32(1.2)
     sigma = torch.tensor([1.2], dtype=torch.float32)
     assert float(sigma) > edge and float(torch.tensor(edge, dtype=torch.float32)) == float(sigma)
     schedule = ScheduledSigma([1.0, 0.5, 0.0], [edge])  # the whole schedule lies below the edge
-    assert schedule.cell() == (1.0, -float("inf"), edge)
-    schedule.sigma(sigma)
+    assert schedule.cell() == ((1.0,), -float("inf"), edge)
+    schedule.decision_sigmas(sigma)
     assert schedule.off_schedule()
+    across = ScheduledSigma([2.0, 1.0, 0.0], [edge])  # the first step crosses it
+    assert across.decision_sigmas(sigma) == (2.0, edge)
+    assert float(across.pick(sigma, [torch.tensor(0.0), torch.tensor(1.0)])) == 0.0  # above the edge
 
 
-def test_scheduled_sigma_adds_no_host_read():
+@pytest.mark.parametrize("step", [0, 3], ids=["plain step", "step across an edge"])
+def test_scheduled_sigma_adds_no_host_read(step):
     from op_counter import OpCounter
     schedule = ScheduledSigma(SCHEDULE, EDGES)
-    schedule.sigma(torch.tensor([14.6]))  # the first call makes the flag
-    schedule.step_done(0)
-    timestep = torch.tensor([7.0])
+    schedule.decision_sigmas(torch.tensor([14.6]))  # the first call makes the flag
+    schedule.step_done(step)
+    timestep = torch.tensor([SCHEDULE[step + 1]])
+    results = [torch.zeros(1, 4, 8, 8), torch.ones(1, 4, 8, 8)]
     with OpCounter() as c:
-        schedule.sigma(timestep)
-    assert not sum(c.syncs.values()) and c.ops <= 4, (dict(c.syncs), c.ops)
+        deciding = schedule.decision_sigmas(timestep)
+        if len(deciding) > 1:
+            schedule.pick(timestep, results)
+    assert len(deciding) == (2 if step == 3 else 1)
+    assert not sum(c.syncs.values()) and c.ops <= 6, (dict(c.syncs), c.ops)
