@@ -8,6 +8,7 @@ which takes each step's window decisions on the host without reading the step's 
 """
 from __future__ import annotations
 
+import functools
 import logging
 from typing import Callable, Iterable, Sequence
 
@@ -21,9 +22,21 @@ from . import model_patching as mp
 
 log = logging.getLogger("sine")
 
-# Samplers (sampler_key) seen calling the model off their schedule's steps in this process: their runs read every
-# step's sigma from the start instead of sampling twice.
+# ComfyUI's samplers that call the model off their schedule's steps (their own step sizes, look-ahead stages):
+# tests/comfyui/test_guidance_schedule.py finds exactly these among all that ComfyUI lists. Their runs read each
+# step's sigma from the start; any other sampler that does is caught after its run and sampled again.
+OFF_SCHEDULE_SAMPLER_NAMES = ("dpm_fast", "dpm_adaptive", "heunpp2")
+
+# Samplers (sampler_key) seen calling the model off their schedule's steps in this process: from then on their
+# runs read every step's sigma too, instead of sampling twice again.
 OFF_SCHEDULE_SAMPLERS: set[str] = set()
+
+
+@functools.cache
+def known_off_schedule() -> frozenset[str]:
+    """sampler_key of the OFF_SCHEDULE_SAMPLER_NAMES this ComfyUI has."""
+    return frozenset(sampler_key(comfy.samplers.sampler_object(name)) for name in OFF_SCHEDULE_SAMPLER_NAMES
+                     if name in comfy.samplers.KSampler.SAMPLERS)
 
 
 class WindowedGuider(comfy.samplers.CFGGuider):
@@ -73,7 +86,7 @@ class WindowedGuider(comfy.samplers.CFGGuider):
     # seed[, latent_shapes]): comfy/samplers.py @ a125cd84 (0.3.64) and @ 311c0140 (newest) alike up to `callback`
     def inner_sample(self, noise, latent_image, device, sampler, sigmas, denoise_mask, callback, *args, **kwargs):
         key = sampler_key(sampler)
-        if key not in OFF_SCHEDULE_SAMPLERS:
+        if key not in OFF_SCHEDULE_SAMPLERS and key not in known_off_schedule():
             conds = dict(self.conds)  # process_conds replaces these lists: sampling again starts from them
             schedule = self.schedule = ScheduledSigma(sigmas.tolist(), self.window_edges())  # one read, before
             try:

@@ -8,9 +8,6 @@ import pytest
 import torch
 
 EDIT = "photo of a dog wearing a superhero cape"
-# ComfyUI's samplers that call the model off their schedule's steps (their own step sizes or look-ahead stages):
-# the first run with one of them is sampled again, reading each sigma. Any other sampler doing so is a regression.
-OFF_SCHEDULE = {"dpm_fast", "dpm_adaptive", "heunpp2"}
 
 
 @pytest.fixture(scope="module")
@@ -52,12 +49,15 @@ def schedule_across_the_window_end(model_patcher, steps=4):
     return sigmas
 
 
-def test_every_sampler_decides_as_a_read_per_step(comfy, guider, caplog):
+def test_every_sampler_decides_as_a_read_per_step(comfy, guider, caplog, monkeypatch):
+    """Every sampler follows its schedule, the pack's table of those known to call off it left out: each is caught
+    after its run exactly when it is in that table, and gives what a read per step gives."""
     from comfy import samplers
     gp = comfy.pack_module("nodes.guided_prediction")
     sigmas = schedule_across_the_window_end(guider.model_patcher)
     off, differ = set(), []
     caplog.set_level(logging.INFO, logger="sine")
+    monkeypatch.setattr(gp, "known_off_schedule", lambda: frozenset())
     for name in samplers.KSampler.SAMPLERS:
         key = gp.sampler_key(samplers.sampler_object(name))
         gp.OFF_SCHEDULE_SAMPLERS.discard(key)
@@ -70,10 +70,23 @@ def test_every_sampler_decides_as_a_read_per_step(comfy, guider, caplog):
         if not torch.equal(followed, read):
             differ.append((name, float((followed - read).abs().max())))
     assert not differ, differ
-    assert off <= OFF_SCHEDULE, off - OFF_SCHEDULE
-    assert "dpm_adaptive" in off  # its own step sizes cross the window end off the schedule: caught
+    assert off == set(gp.OFF_SCHEDULE_SAMPLER_NAMES)
     assert "SINE Guider: sampler comfy.samplers.ksampler.<locals>.dpm_adaptive_function calls the model off its " \
            "schedule's steps; sampling again" in caplog.text
+
+
+def test_a_sampler_known_to_call_off_its_schedule_samples_once(comfy, guider, caplog):
+    """With the table, the first run of such a sampler reads each sigma from the start: one run, no log line."""
+    from comfy import samplers
+    gp = comfy.pack_module("nodes.guided_prediction")
+    sigmas = schedule_across_the_window_end(guider.model_patcher)
+    caplog.set_level(logging.INFO, logger="sine")
+    for name in gp.OFF_SCHEDULE_SAMPLER_NAMES:
+        gp.OFF_SCHEDULE_SAMPLERS.discard(gp.sampler_key(samplers.sampler_object(name)))
+        reports = []
+        sample(samplers, guider, name, sigmas, callback=lambda step, *a: reports.append(step))
+        assert reports and reports == sorted(set(reports)), (name, reports)  # one pass over the steps, not two
+    assert "sampling again" not in caplog.text
 
 
 def test_no_sampling_step_reads_back_more_than_stock(comfy, guider):
