@@ -77,9 +77,9 @@ class ScheduledSigma:
 
     def cell(self) -> tuple[tuple[float, ...], float, float]:
         """For the calls until the next report: (the sigmas that decide them, the edge below their span, the edge
-        above it). The deciding sigmas are the span's top, then each edge within the span, descending; the k-th
-        decides the calls whose sigma lies between edge k (exclusive, as windows are end < sigma <= start) and
-        the edge before it. The edges around the span are -inf / inf where there is none."""
+        above it). The deciding sigmas are the span's top, which decides the calls above every edge within the
+        span, then each of those edges, descending, which decides the calls at or below it (windows are
+        end < sigma <= start) and above the next. The edges around the span are -inf / inf where there is none."""
         if self.last_step not in self._cells:
             n = len(self.sigmas) - 1
             top = min(max(self.last_step, 0), n)
