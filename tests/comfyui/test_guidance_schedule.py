@@ -6,29 +6,42 @@ import logging
 
 import pytest
 import torch
+from test_finetune_compile import traced  # noqa: F401 (a fixture)
 
 EDIT = "photo of a dog wearing a superhero cape"
 
 
 @pytest.fixture(scope="module")
-def guider(comfy, fixtures):
-    """A SINE Guider (weight 0.3, the paper window) on the SD1.5 architecture proxy (model_channels 32: every
-    layer of SD1.5 at almost no arithmetic, so that every sampler runs in seconds), fine-tuned for 2 steps."""
+def sine_guider(comfy, fixtures):
+    """`sine_guider(model)`: a SINE Guider on `model` (weight 0.3, the paper window) with an adapter fine-tuned for
+    2 steps on the SD1.5 architecture proxy (model_channels 32: every layer of SD1.5 at almost no arithmetic, so
+    that every sampler runs in seconds); `sine_guider.proxy` is that model."""
     from comfyui_fixtures import proxy_sd15_model
     mapping = comfy.nodes.NODE_CLASS_MAPPINGS
     with torch.inference_mode():  # as ComfyUI's executor runs nodes
         _, clip, vae = mapping["CheckpointLoaderSimple"]().load_checkpoint(fixtures["checkpoint"])[:3]
         image = mapping["LoadImage"]().load_image(fixtures["source_image"])[0]
         positive, negative = (mapping["CLIPTextEncode"]().encode(clip, text)[0] for text in (EDIT, ""))
-        model = proxy_sd15_model(32, seed=5)
+        proxy = proxy_sd15_model(32, seed=5)
         finetuned = mapping["SINE_Finetune"].execute(
-            model=model, clip=clip, vae=vae, image=image, source_prompt="photo of a sks dog", preset="custom",
+            model=proxy, clip=clip, vae=vae, image=image, source_prompt="photo of a sks dog", preset="custom",
             steps=2, learning_rate=1e-3, seed=0, method="lora", lora_rank=4, lora_alpha=4.0, layers="attention",
             text_encoder="off", precision="auto", gradient_checkpointing=False, resize="stretch", resolution=64,
             disk_cache=False).result
-        return mapping["SINE_Guider"].execute(
-            model=model, positive=positive, negative=negative, cfg=7.5, sine_adapter=finetuned[3],
-            source_conditioning=finetuned[2], finetuned_weight=0.3, start_percent=0.0, end_percent=0.6).result[0]
+
+    def build(model):
+        with torch.inference_mode():
+            return mapping["SINE_Guider"].execute(
+                model=model, positive=positive, negative=negative, cfg=7.5, sine_adapter=finetuned[3],
+                source_conditioning=finetuned[2], finetuned_weight=0.3, start_percent=0.0,
+                end_percent=0.6).result[0]
+    build.proxy = proxy
+    return build
+
+
+@pytest.fixture(scope="module")
+def guider(sine_guider):
+    return sine_guider(sine_guider.proxy)
 
 
 def sample(samplers, guider, sampler_name: str, sigmas, callback=None):
@@ -110,3 +123,19 @@ def test_no_sampling_step_reads_back_more_than_stock(comfy, guider):
     assert len(sine) == len(base) == len(sigmas) - 2
     added = [s - b for s, b in zip(sine, base)]
     assert added == [0] * len(added), (sine, base)
+
+
+def test_stock_torch_compile_model_before_the_guider(comfy, sine_guider, traced):
+    """ComfyUI's TorchCompileModel on the MODEL that goes into SINE Guider (the node: a clone and
+    set_torch_compile_wrapper; here with the tracing-only backend, see test_finetune_compile) samples what the
+    uncompiled model samples. Each adapted layer reads its rows from the forward's routing context, which
+    torch.compile cannot trace, so the compiled UNet runs in pieces (docs/compatibility.md)."""
+    from comfy import samplers
+    from comfy_api.torch_helpers import set_torch_compile_wrapper
+    compiled_model = sine_guider.proxy.clone()
+    set_torch_compile_wrapper(model=compiled_model, backend="aot_eager")
+    sigmas = schedule_across_the_window_end(compiled_model)
+    eager = sample(samplers, sine_guider(sine_guider.proxy), "euler", sigmas)
+    compiled = sample(samplers, sine_guider(compiled_model), "euler", sigmas)
+    assert traced["stats"]["unique_graphs"] >= 1, "nothing was compiled: no test"
+    assert torch.allclose(compiled, eager, rtol=1e-5, atol=1e-5), float((compiled - eager).abs().max())
