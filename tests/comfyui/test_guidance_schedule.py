@@ -126,14 +126,13 @@ def test_no_sampling_step_reads_back_more_than_stock(comfy, guider):
 
 
 def test_stock_torch_compile_model_before_the_guider(comfy, sine_guider, traced):
-    """ComfyUI's TorchCompileModel on the MODEL that goes into SINE Guider (the node: a clone and
-    set_torch_compile_wrapper; here with the tracing-only backend, see test_finetune_compile) samples what the
-    uncompiled model samples. Each adapted layer reads its rows from the forward's routing context, which
-    torch.compile cannot trace, so the compiled UNet runs in pieces (docs/compatibility.md)."""
+    """ComfyUI's TorchCompileModel on the MODEL that goes into SINE Guider (its execute, with the tracing-only
+    backend instead of the UI's inductor or cudagraphs: see test_finetune_compile) samples what the uncompiled
+    model samples. Each adapted layer reads its rows from the forward's routing context, which torch.compile
+    cannot trace, so the compiled UNet runs in pieces (docs/compatibility.md)."""
     from comfy import samplers
-    from comfy_api.torch_helpers import set_torch_compile_wrapper
-    compiled_model = sine_guider.proxy.clone()
-    set_torch_compile_wrapper(model=compiled_model, backend="aot_eager")
+    compile_node = comfy.nodes.NODE_CLASS_MAPPINGS["TorchCompileModel"]
+    compiled_model = compile_node.execute(model=sine_guider.proxy, backend="aot_eager").result[0]
     sigmas = schedule_across_the_window_end(compiled_model)
     eager = sample(samplers, sine_guider(sine_guider.proxy), "euler", sigmas)
     compiled = sample(samplers, sine_guider(compiled_model), "euler", sigmas)
