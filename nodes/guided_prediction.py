@@ -70,16 +70,13 @@ class WindowedGuider(comfy.samplers.CFGGuider):
         else:
             deciding = self.schedule.decision_sigmas(timestep)
         decisions = [decide(sigma) for sigma in deciding]
-        if len(decisions) == 1:
-            sources, weights = decisions[0]
-            return predict_mixed(self, x, timestep, model_options, sources,
-                                 lambda edit, finetuned: mix_conditional_maps(edit, finetuned, weights))
-        union = sorted({i for sources, _ in decisions for i in sources})  # in entry order, as each side's
+        union = sorted({i for sources, _ in decisions for i in sources})  # entry order, as each side's own
 
         def mix_each_side(edit, finetuned):
             output = dict(zip(union, finetuned))
-            return self.schedule.pick(timestep, [mix_conditional_maps(edit, [output[i] for i in sources], weights)
-                                                 for sources, weights in decisions])
+            mixes = [mix_conditional_maps(edit, [output[i] for i in sources], weights)
+                     for sources, weights in decisions]
+            return mixes[0] if len(mixes) == 1 else self.schedule.pick(timestep, mixes)
         return predict_mixed(self, x, timestep, model_options, union, mix_each_side)
 
     # CFGGuider.inner_sample(noise, latent_image, device, sampler, sigmas, denoise_mask, callback, disable_pbar,
